@@ -1,0 +1,1 @@
+"""Defences against probes and abuse: anti-replay cache, IP allow/block lists."""

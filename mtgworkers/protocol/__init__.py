@@ -1,0 +1,1 @@
+"""Pure wire formats: no sockets, no event loop, no clock reads."""
