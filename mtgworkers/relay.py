@@ -1,0 +1,182 @@
+"""The data path: asyncio protocols that move bytes between a client and its upstream.
+
+After the handshakes a session has two transports, the client's and the upstream's (a
+Telegram DC or the fronting website). Each gets one *side* protocol below; a side reads
+from its own transport, transforms the bytes and writes them to the peer transport.
+
+Per chunk the work is: (TLS unwrap), one AES-CTR decrypt, one AES-CTR encrypt, (TLS
+wrap), one ``write``. Nothing else happens per chunk: no logging, no metrics, no timers.
+Activity is recorded by setting ``session.touched``; traffic is counted on the session
+and flushed to the event stream in batches by the session itself.
+
+Flow control: when a transport's write buffer passes its high-water mark the event loop
+calls ``pause_writing`` on that transport's protocol, which pauses *reading* on the peer
+transport; ``resume_writing`` resumes it. Memory per session is therefore bounded by the
+transports' write-buffer limits, whatever the speed of either end.
+
+Ending: EOF or an error on either side ends the whole session (mtg closes both sockets
+when one direction ends). We never forward a half-close with ``write_eof()``: uvloop has
+been seen to abort with "double free or corruption" after 10^4-10^5 relayed connections
+doing that. ``transport.close()`` flushes what is still buffered and then closes, which
+gives the peer every byte we accepted; the session aborts transports that do not drain
+within its linger time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mtgworkers.protocol.faketls import MAX_RECORD_PAYLOAD, RecordReader, TLSError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# Transport write-buffer limits. High enough for a full-speed 16 KiB chunk pipeline, low
+# enough that 10k slow readers cannot take more than ~2.5 GiB together.
+WRITE_BUFFER_HIGH = 256 * 1024
+WRITE_BUFFER_LOW = 64 * 1024
+
+_RECORD_HEADER = b"\x17\x03\x03"
+
+
+class SessionHooks(Protocol):
+    """What a side needs from its session (implemented by ``session.ClientSession``)."""
+
+    touched: bool
+    bytes_from_client: int
+    bytes_to_client: int
+
+    def side_lost(self, side: Side, exc: BaseException | None) -> None: ...
+
+    def side_failed(self, side: Side, reason: str) -> None: ...
+
+
+class Side(asyncio.Protocol):
+    """One end of a relay: reads its own transport, writes to ``peer``.
+
+    ``upstream`` is True for the Telegram/fronting end; it decides which traffic counter
+    the bytes go to and which direction label a log line gets.
+    """
+
+    __slots__ = ("peer", "session", "transport", "upstream")
+
+    def __init__(self, session: SessionHooks, peer: asyncio.Transport | None, upstream: bool):
+        self.session = session
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.upstream = upstream
+
+    # connection management -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        # False: let the transport close itself; the session then closes the peer after
+        # flushing it (see the module docstring on half-close).
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.side_lost(self, exc)
+
+    # flow control: our transport is full -> stop reading the peer, and back -------------
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+
+class RawSide(Side):
+    """A side that copies bytes unchanged: both ends of a domain-fronting relay."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        session.touched = True
+        if self.upstream:
+            session.bytes_to_client += len(data)
+        else:
+            session.bytes_from_client += len(data)
+        self.peer.write(data)  # type: ignore[union-attr]
+
+
+class ClientSide(Side):
+    """The client end of a Telegram relay: TLS records in, obfuscated2 re-encryption out."""
+
+    __slots__ = ("decrypt", "encrypt", "reader")
+
+    def __init__(
+        self,
+        session: SessionHooks,
+        peer: asyncio.Transport | None,
+        reader: RecordReader,
+        decrypt: Callable[[Any], bytes],
+        encrypt: Callable[[bytes], bytes],
+    ) -> None:
+        super().__init__(session, peer, upstream=False)
+        self.reader = reader
+        self.decrypt = decrypt  # client -> proxy obfuscated2 stream
+        self.encrypt = encrypt  # proxy -> DC obfuscated2 stream
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            payloads = self.reader.feed(data)
+        except TLSError as exc:
+            self.session.side_failed(self, f"cannot read tls record: {exc}")
+            return
+        if not payloads:
+            return
+        decrypt = self.decrypt
+        encrypt = self.encrypt
+        if len(payloads) == 1:
+            out = encrypt(decrypt(payloads[0]))
+        else:
+            out = encrypt(decrypt(b"".join(payloads)))
+        session = self.session
+        session.touched = True
+        session.bytes_from_client += len(out)
+        self.peer.write(out)  # type: ignore[union-attr]
+
+
+class TelegramSide(Side):
+    """The DC end of a Telegram relay: obfuscated2 in, TLS application-data records out."""
+
+    __slots__ = ("decrypt", "encrypt")
+
+    def __init__(
+        self,
+        session: SessionHooks,
+        peer: asyncio.Transport | None,
+        decrypt: Callable[[bytes], bytes],
+        encrypt: Callable[[bytes], bytes],
+    ) -> None:
+        super().__init__(session, peer, upstream=True)
+        self.decrypt = decrypt  # DC -> proxy obfuscated2 stream
+        self.encrypt = encrypt  # proxy -> client obfuscated2 stream
+
+    def data_received(self, data: bytes) -> None:
+        out = self.encrypt(self.decrypt(data))
+        size = len(out)
+        session = self.session
+        session.touched = True
+        session.bytes_to_client += size
+        peer = self.peer
+        if size <= MAX_RECORD_PAYLOAD:
+            peer.write(_RECORD_HEADER + size.to_bytes(2, "big") + out)  # type: ignore[union-attr]
+            return
+        view = memoryview(out)
+        parts = []
+        for start in range(0, size, MAX_RECORD_PAYLOAD):
+            chunk = view[start : start + MAX_RECORD_PAYLOAD]
+            parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
+            parts.append(chunk)
+        peer.write(b"".join(parts))  # type: ignore[union-attr]

@@ -1,0 +1,360 @@
+"""One worker process: listening sockets, admission state, timers, and the uvloop loop.
+
+Everything here is per process and built from the frozen :class:`~mtgworkers.config.Config`:
+no module-level state, so the supervisor can run N of these. The pieces that must be
+shared between workers are injected: the anti-replay filter works over any buffer (a
+``bytearray`` here, shared memory under the supervisor) and the concurrency limiter is an
+object with ``try_acquire``/``release``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import resource
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mtgworkers import events
+from mtgworkers.dcs import DCTable
+from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
+from mtgworkers.net.dial import Dialer
+from mtgworkers.net.dns import make_resolver
+from mtgworkers.session import ClientSession
+
+if TYPE_CHECKING:
+    from mtgworkers.config import Config
+    from mtgworkers.defense.iplist import IPList
+
+_log = logging.getLogger("mtgworkers")
+_proxy_log = logging.getLogger("mtgworkers.proxy")
+
+# Every session needs two descriptors (client + upstream); keep some for listeners,
+# DNS, log files and the event loop itself.
+FDS_PER_SESSION = 2
+FDS_RESERVED = 64
+LISTEN_BACKLOG = 4096
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message says why and what to change."""
+
+
+class Limiter(Protocol):
+    """Concurrency gate: ``concurrency`` sessions at most, no queueing."""
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class LocalLimiter:
+    """A :class:`Limiter` for one process."""
+
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def try_acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        if self.active > 0:
+            self.active -= 1
+
+
+class ReplayFilter(Protocol):
+    def test_and_add(self, key: bytes, rnd: int | None = None) -> bool: ...
+
+
+def raise_nofile_limit(concurrency: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn when it is below what
+    ``concurrency`` sessions need. Returns the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            _log.warning("cannot raise the open files limit", extra={"error": str(exc)})
+    needed = concurrency * FDS_PER_SESSION + FDS_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warning(
+            "open files limit is too low for concurrency: clients will be refused with "
+            "'too many open files'; raise LimitNOFILE (systemd) or 'ulimit -n', or lower "
+            "concurrency",
+            extra={"nofile_limit": soft, "concurrency": concurrency, "needed": needed},
+        )
+    return soft, hard
+
+
+def _local_addresses() -> set[str]:
+    """IP addresses of this host's interfaces (for fronting self-loop detection)."""
+    try:
+        import psutil
+
+        return {
+            addr.address.split("%", 1)[0]
+            for addrs in psutil.net_if_addrs().values()
+            for addr in addrs
+            if addr.family in (socket.AF_INET, socket.AF_INET6)
+        }
+    except Exception:  # psutil missing or /proc unreadable: loopback checks still work
+        return set()
+
+
+def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """Create a non-blocking SO_REUSEPORT listening TCP socket on ``host:port``.
+
+    An unspecified IPv6 address (``[::]``) listens dual-stack, like Go. Raises
+    :class:`StartupError` naming the address when the bind fails.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {_join(host, port)}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Worker:
+    """The serving state of one process; sessions reach everything through it."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        replay_filter: ReplayFilter | None = None,
+        limiter: Limiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.clock = clock
+        self.secret = config.secret
+        timeouts = config.network.timeout
+        self.handshake_timeout = timeouts.handshake
+        self.idle_timeout = timeouts.idle
+        self.tolerate_time_skewness = config.tolerate_time_skewness
+        self.proxy_protocol_listener = config.proxy_protocol_listener
+        self.prefer_ip = config.prefer_ip
+        self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
+        self.dc_table = DCTable(overrides=config.dc_overrides)
+        self.resolver = make_resolver(config.network.dns)
+        self.dialer = Dialer(config.network, self.resolver)
+        if replay_filter is None:
+            anti_replay = config.defense.anti_replay
+            if anti_replay.enabled:
+                buf = bytearray(StableBloomFilter.buffer_size(anti_replay.max_size))
+                replay_filter = StableBloomFilter.create(
+                    buf, anti_replay.max_size, anti_replay.error_rate
+                )
+            else:
+                replay_filter = NoopFilter()
+        self.replay_filter: ReplayFilter = replay_filter
+        self.limiter: Limiter = limiter or LocalLimiter(config.concurrency)
+        self.events = events.EventStream(on_error=self._observer_failed)
+        self.sessions: set[ClientSession] = set()
+        self.own_fronting_socknames: set[tuple[Any, ...]] = set()
+        fronting = config.domain_fronting
+        self.fronting_address = (fronting.host or self.secret.host, fronting.port)
+        self.fronting_proxy_protocol = fronting.proxy_protocol
+        self.fronting_is_self = False
+        self.allowlist: IPList | None = None
+        self.blocklist: IPList | None = None
+        self.listen_addresses: list[tuple[str, int]] = []
+        self._local_ips: set[str] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = max(0.05, min(1.0, self.idle_timeout / 4))
+        self._linger = min(self.idle_timeout, 60.0)
+        self._flush_every = 5.0
+        self._last_flush = 0.0
+
+    # -- start / stop ---------------------------------------------------------------------
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen (on ``sockets`` if given, else on ``bind-to``) and start the timers.
+
+        Raises :class:`StartupError` when the port cannot be bound or when the fronting
+        host is this proxy itself.
+        """
+        if sockets is None:
+            bind = self.config.bind_to
+            sockets = [create_listener(bind.host, bind.port)]
+        for sock in sockets:
+            name = sock.getsockname()
+            self.listen_addresses.append((name[0], name[1]))
+        self._local_ips = _local_addresses()
+        await self._check_fronting_loop()
+        for sock in sockets:
+            server = await self.loop.create_server(
+                lambda: ClientSession(self), sock=sock, backlog=LISTEN_BACKLOG
+            )
+            self._servers.append(server)
+        self._last_flush = self.loop.time()
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
+
+    async def stop(self) -> None:
+        """Stop accepting and cut every session (mtg's shutdown)."""
+        for server in self._servers:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions):
+            session.shutdown()
+        for server in self._servers:
+            await server.wait_closed()
+        # let connection_lost callbacks run so every session finishes cleanly
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def check_ip(self, ip: str) -> str | None:
+        """Return "allowlist"/"blocklist" when ``ip`` must be refused, else None."""
+        if self.allowlist is not None and ip not in self.allowlist:
+            if _proxy_log.isEnabledFor(logging.INFO):
+                _proxy_log.info("ip was rejected by allowlist", extra={"ip": ip})
+            self.events.send(events.EventIPBlocklisted(ip, is_blocklist=False))
+            return "allowlist"
+        if self.blocklist is not None and ip in self.blocklist:
+            if _proxy_log.isEnabledFor(logging.INFO):
+                _proxy_log.info("ip was blacklisted", extra={"ip": ip})
+            self.events.send(events.EventIPBlocklisted(ip, is_blocklist=True))
+            return "blocklist"
+        return None
+
+    # -- fronting self-loop detection -----------------------------------------------------
+
+    def is_own_listener(self, addr: tuple[Any, ...]) -> bool:
+        """True when ``addr`` (ip, port, ...) is one of our listening sockets."""
+        ip, port = addr[0].split("%", 1)[0], addr[1]
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        for listen_ip, listen_port in self.listen_addresses:
+            if port != listen_port:
+                continue
+            if ip == listen_ip:
+                return True
+            if listen_ip in ("0.0.0.0", "::") and (self._is_local(ip)):
+                return True
+        return False
+
+    def _is_local(self, ip: str) -> bool:
+        try:
+            if ipaddress.ip_address(ip).is_loopback:
+                return True
+        except ValueError:
+            return False
+        return ip in self._local_ips
+
+    def is_own_fronting_connection(self, peer: tuple[Any, ...]) -> bool:
+        """True when an accepted connection comes from one of our own fronting dials."""
+        return bool(self.own_fronting_socknames) and tuple(peer[:2]) in self.own_fronting_socknames
+
+    async def _check_fronting_loop(self) -> None:
+        host, port = self.fronting_address
+        try:
+            addresses = await asyncio.wait_for(self.resolver.resolve(host), 10.0)
+        except (OSError, asyncio.TimeoutError) as exc:
+            _log.warning(
+                "cannot resolve the fronting host at start; will retry per connection",
+                extra={"hostname": host, "error": str(exc)},
+            )
+            return
+        for ip in addresses:
+            if self.is_own_listener((ip, port)):
+                self.fronting_is_self = True
+                raise StartupError(
+                    f"domain fronting to {_join(host, port)} would loop: {ip}:{port} is this "
+                    "proxy's own listening address. Set [domain-fronting] ip/port to the real "
+                    "website (for example a web server on another port of this host)"
+                )
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        loop = self.loop
+        now = loop.time()
+        idle, linger = self.idle_timeout, self._linger
+        flush = now - self._last_flush >= self._flush_every
+        if flush:
+            self._last_flush = now
+        for session in list(self.sessions):
+            try:
+                session.tick(now, idle, linger, flush)
+            except Exception as exc:  # a session bug must never stop the sweeper
+                _log.error("session tick failed", extra={"error": repr(exc)}, exc_info=exc)
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _observer_failed(self, exc: BaseException) -> None:
+        _log.error("event observer failed", extra={"error": repr(exc)}, exc_info=exc)
+
+
+def proxy_links(config: Config) -> list[str]:
+    """tg:// links for the addresses we know without asking the network."""
+    hosts = [ip for ip in (config.public_ipv4, config.public_ipv6) if ip]
+    if not hosts and config.bind_to.host not in ("0.0.0.0", "::"):
+        hosts = [config.bind_to.host]
+    links = []
+    for host in hosts:
+        server = host
+        links.append(
+            f"tg://proxy?port={config.bind_to.port}&secret={config.secret.base64()}"
+            f"&server={server}"
+        )
+    return links
+
+
+def serve(config: Config) -> int:
+    """Run one worker until SIGINT/SIGTERM. Returns the process exit code."""
+    import uvloop
+
+    raise_nofile_limit(config.concurrency)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config, loop)
+    try:
+        loop.run_until_complete(worker.start())
+    except StartupError as exc:
+        _log.error("cannot start proxy", extra={"error": str(exc)})
+        loop.close()
+        return 1
+
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    addresses = ", ".join(_join(h, p) for h, p in worker.listen_addresses)
+    _log.warning("proxy is listening", extra={"bind_to": addresses})
+    for link in proxy_links(config):
+        _log.warning("proxy link", extra={"tg_url": link})
+    try:
+        loop.run_until_complete(stopping.wait())
+        loop.run_until_complete(worker.stop())
+    finally:
+        loop.close()
+    return 0
