@@ -10,10 +10,11 @@ unexpected failures, where the stack is worth the noise::
 
     log = get_logger("proxy")
     log.info("ip was blacklisted", extra={"ip": "10.0.1.1"})
-    # {"level":"info","logger":"proxy","timestamp":1700000000000,"message":"ip was blacklisted","ip":"10.0.1.1"}
+    # {"level":"info","logger":"proxy","timestamp":1700000000000,
+    #  "message":"ip was blacklisted","ip":"10.0.1.1"}   (on one line)
 
 Secrets never reach the output: any field named ``secret`` or ``password`` (at any
-depth of a dict/list value) is replaced by ``[REDACTED]`` before formatting.
+depth of a dict/list value) is replaced by ``REDACTED`` before formatting.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pythonjsonlogger.json import JsonFormatter
 __all__ = ["PACKAGE_LOGGER", "REDACTED", "get_logger", "setup"]
 
 PACKAGE_LOGGER = "mtgworkers"
-REDACTED = "[REDACTED]"
+REDACTED = "REDACTED"  # the same marker as Config.to_json_dict()
 
 # Field names whose values are replaced wherever they appear (compared lower-cased).
 _SENSITIVE_FIELDS = frozenset({"secret", "password"})

@@ -174,7 +174,7 @@ class TelegramSide(Side):
             peer.write(_RECORD_HEADER + size.to_bytes(2, "big") + out)  # type: ignore[union-attr]
             return
         view = memoryview(out)
-        parts = []
+        parts: list[bytes | memoryview] = []
         for start in range(0, size, MAX_RECORD_PAYLOAD):
             chunk = view[start : start + MAX_RECORD_PAYLOAD]
             parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))

@@ -324,8 +324,7 @@ def proxy_links(config: Config) -> list[str]:
     for host in hosts:
         server = host
         links.append(
-            f"tg://proxy?port={config.bind_to.port}&secret={config.secret.base64()}"
-            f"&server={server}"
+            f"tg://proxy?port={config.bind_to.port}&secret={config.secret.base64()}&server={server}"
         )
     return links
 

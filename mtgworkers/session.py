@@ -82,8 +82,8 @@ class ClientSession(asyncio.Protocol):
         "client_ip",
         "closing_since",
         "dc",
-        "fronted",
         "front_sockname",
+        "fronted",
         "last_active",
         "reader",
         "started",
@@ -202,7 +202,7 @@ class ClientSession(asyncio.Protocol):
         if parsed is None:
             return
         if parsed is not proxyproto.NOT_PROXY:
-            header, consumed = parsed  # type: ignore[misc]
+            header, consumed = parsed
             del self.buf[:consumed]
             if header.src is not None:
                 self.client_addr = (_normalise_ip(header.src[0]), header.src[1])
@@ -266,7 +266,9 @@ class ClientSession(asyncio.Protocol):
         if len(buf) < obfs2.FRAME_LEN:
             return
         try:
-            handshake = obfs2.parse_client_frame(bytes(buf[: obfs2.FRAME_LEN]), self.worker.secret.key)
+            handshake = obfs2.parse_client_frame(
+                bytes(buf[: obfs2.FRAME_LEN]), self.worker.secret.key
+            )
         except ProtocolError as exc:
             self._obfs2_failed(str(exc))
             return
@@ -275,7 +277,9 @@ class ClientSession(asyncio.Protocol):
         self._cancel_timer()  # mtg clears the handshake deadline before dialling Telegram
         self.state = DIALING
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._task = asyncio.ensure_future(self._guarded(self._connect_telegram(handshake, pending)))
+        self._task = asyncio.ensure_future(
+            self._guarded(self._connect_telegram(handshake, pending))
+        )
 
     def _obfs2_failed(self, error: str) -> None:
         if _log.isEnabledFor(logging.INFO):
@@ -329,7 +333,9 @@ class ClientSession(asyncio.Protocol):
         frame, dc_encryptor, dc_decryptor = obfs2.generate_dc_frame(dc, handshake.tag)
         client_transport = self.transport
         assert client_transport is not None
-        dc_side = TelegramSide(self, client_transport, dc_decryptor.update, handshake.encryptor.update)
+        dc_side = TelegramSide(
+            self, client_transport, dc_decryptor.update, handshake.encryptor.update
+        )
         try:
             peer = sock.getpeername()
             upstream, _ = await worker.loop.create_connection(lambda: dc_side, sock=sock)
@@ -344,10 +350,14 @@ class ClientSession(asyncio.Protocol):
         if self.state != DIALING:
             upstream.abort()
             return
-        self._attach_upstream(upstream)  # type: ignore[arg-type]
+        self._attach_upstream(upstream)
         self.upstream_ip = _normalise_ip(peer[0])
         client_side = ClientSide(
-            self, upstream, self.reader, handshake.decryptor.update, dc_encryptor.update  # type: ignore[arg-type]
+            self,
+            upstream,
+            self.reader,
+            handshake.decryptor.update,
+            dc_encryptor.update,  # type: ignore[arg-type]
         )
         upstream.write(frame)
         if pending:
@@ -415,7 +425,7 @@ class ClientSession(asyncio.Protocol):
         if self.state != DIALING:
             upstream.abort()
             return
-        self._attach_upstream(upstream)  # type: ignore[arg-type]
+        self._attach_upstream(upstream)
         self.upstream_ip = _normalise_ip(peer[0])
         if worker.fronting_proxy_protocol:
             upstream.write(proxyproto.build_v2(self.client_addr, (peer[0], peer[1])))
@@ -423,7 +433,7 @@ class ClientSession(asyncio.Protocol):
             self.bytes_from_client += len(self.buf)
             upstream.write(bytes(self.buf))
         self.buf = bytearray()
-        self._start_relay(RawSide(self, upstream, upstream=False))  # type: ignore[arg-type]
+        self._start_relay(RawSide(self, upstream, upstream=False))
 
     # -- relay ----------------------------------------------------------------------------
 

@@ -61,10 +61,8 @@ class Secret:
         """
         if text == "":
             raise SecretError("secret is empty")
-        if _HEX_RE.fullmatch(text):
-            decoded = bytes.fromhex(text)
-        else:
-            decoded = _decode_raw_url_base64(text)
+        hex_form = _HEX_RE.fullmatch(text)
+        decoded = bytes.fromhex(text) if hex_form else _decode_raw_url_base64(text)
 
         if len(decoded) < 2:
             raise SecretError(f"secret is truncated, length={len(decoded)}")
@@ -77,7 +75,9 @@ class Secret:
             raise SecretError(f"secret has incorrect length {len(decoded) - 1}{hint}")
         host = decoded[1 + KEY_LEN :]
         if not host:
-            raise SecretError(f"hostname cannot be empty: {text}")
+            raise SecretError(
+                "hostname cannot be empty (the secret must end with the fronting host name)"
+            )
         return cls(decoded[1 : 1 + KEY_LEN], host.decode("utf-8", "surrogateescape"))
 
     @classmethod

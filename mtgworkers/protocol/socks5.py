@@ -177,9 +177,7 @@ def build_connect_request(host: str, port: int) -> bytes:
         except UnicodeError as exc:
             raise Socks5Error(f"cannot encode host name {host!r} for SOCKS5: {exc}") from None
     if not 1 <= len(name) <= 255:
-        raise Socks5Error(
-            f"host name for SOCKS5 must be 1..255 bytes long, got {len(name)} bytes"
-        )
+        raise Socks5Error(f"host name for SOCKS5 must be 1..255 bytes long, got {len(name)} bytes")
     return head + bytes((ATYP_DOMAIN, len(name))) + name + tail
 
 
@@ -226,9 +224,7 @@ def parse_auth_reply(buf: Buffer) -> bool | None:
             f"unexpected version 0x{buf[0]:02x} in SOCKS5 username/password reply (want 0x01)"
         )
     if buf[1] != 0x00:
-        raise Socks5Error(
-            f"SOCKS5 username/password authentication failed (status 0x{buf[1]:02x})"
-        )
+        raise Socks5Error(f"SOCKS5 username/password authentication failed (status 0x{buf[1]:02x})")
     return True
 
 

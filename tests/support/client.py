@@ -347,19 +347,37 @@ class FakeTLSClient:
         return info
 
     # -- obfuscated2 --------------------------------------------------------------------
-    def send_obfs2_frame(self, dc: int = 2, tag: str | bytes = "dd") -> bytes:
-        """Send CCS + the obfuscated2 init frame inside an ApplicationData record."""
+    def send_obfs2_frame(
+        self, dc: int = 2, tag: str | bytes = "dd", *, initial: bytes = b"", ccs: bool = True
+    ) -> bytes:
+        """Send CCS + the obfuscated2 init frame inside ApplicationData record(s).
+
+        ``initial`` payload bytes go into the same write (and record) right behind the
+        frame; ``ccs`` False leaves out the client's ChangeCipherSpec record.
+        """
         tag_bytes = TAGS[tag] if isinstance(tag, str) else tag
         obfs = obfs2_client_frame(self.secret_key, dc, tag_bytes)
         self._enc, self._dec = obfs.encryptor, obfs.decryptor
-        self.send_raw(CCS_RECORD + wrap_records(obfs.wire, self.max_record))
+        data = obfs.wire + (obfs.encryptor.update(initial) if initial else b"")
+        self.send_raw((CCS_RECORD if ccs else b"") + wrap_records(data, self.max_record))
         return obfs.wire
 
-    def handshake(self, dc: int = 2, tag: str | bytes = "dd", **hello_options: Any) -> None:
-        """Full client handshake: hello, verified welcome packet, CCS, obfuscated2 frame."""
+    def handshake(
+        self,
+        dc: int = 2,
+        tag: str | bytes = "dd",
+        *,
+        initial: bytes = b"",
+        **hello_options: Any,
+    ) -> ServerHelloInfo:
+        """Full client handshake: hello, verified welcome packet, CCS, obfuscated2 frame.
+
+        ``hello_options`` go to :meth:`send_client_hello`. Returns the welcome packet info.
+        """
         self.send_client_hello(**hello_options)
-        self.read_server_hello()
-        self.send_obfs2_frame(dc, tag)
+        info = self.read_server_hello()
+        self.send_obfs2_frame(dc, tag, initial=initial)
+        return info
 
     def send(self, data: bytes) -> None:
         """Encrypt payload bytes and send them in ApplicationData records."""
@@ -429,7 +447,7 @@ class FakeTLSClient:
                 try:
                     if not self.sock.recv(65536):
                         return "eof"
-                except socket.timeout:
+                except TimeoutError:
                     raise WireError(f"connection still open after {timeout} s") from None
         except (ConnectionResetError, BrokenPipeError):
             return "reset"

@@ -7,7 +7,8 @@ connection in one of three modes:
 - ``"echo"``: decrypt what arrives and send it back re-encrypted;
 - ``"sink"``: read, count and verify the bytes against :data:`PATTERN`
   (optionally sleeping ``sink_delay`` seconds after each read: a slow reader);
-- ``"source"``: send ``source_size`` bytes of :data:`PATTERN`, then read until EOF.
+- ``"source"``: send ``source_size`` bytes of :data:`PATTERN`, then read until EOF (or,
+  with ``close_after_source``, close right after the last byte).
 
 Counters are updated on the loop thread and read under a lock.
 """
@@ -19,13 +20,16 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from tests.support.wire import FRAME_LEN, KNOWN_TAGS, PATTERN, obfs2_dc_accept
 
 MODES = ("echo", "sink", "source")
+_SETTINGS = frozenset({"mode", "source_size", "sink_delay", "read_size", "close_after_source"})
 
 
 @dataclass
@@ -62,6 +66,7 @@ class FakeDC:
         source_size: int = 0,
         sink_delay: float = 0.0,
         read_size: int = 65536,
+        close_after_source: bool = False,
         host: str = "127.0.0.1",
     ) -> None:
         if mode not in MODES:
@@ -70,6 +75,7 @@ class FakeDC:
         self.source_size = source_size
         self.sink_delay = sink_delay
         self.read_size = read_size
+        self.close_after_source = close_after_source
         self.host = host
         self.port = 0
         self._lock = threading.Lock()
@@ -142,6 +148,23 @@ class FakeDC:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def configured(self, **settings: Any) -> Iterator[FakeDC]:
+        """Temporarily change mode/source_size/sink_delay/... for new connections."""
+        unknown = set(settings) - _SETTINGS
+        if unknown:
+            raise AttributeError(f"unknown fake DC settings: {sorted(unknown)}")
+        if settings.get("mode", self.mode) not in MODES:
+            raise ValueError(f"unknown fake DC mode {settings['mode']!r}")
+        saved = {name: getattr(self, name) for name in settings}
+        for name, value in settings.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     # -- inspection ---------------------------------------------------------------------
     @property
@@ -267,5 +290,7 @@ class FakeDC:
             await writer.drain()
             offset += n
             self._update(conn, bytes_out=offset)
+        if self.close_after_source:
+            return
         while data := await reader.read(self.read_size):
             self._update(conn, bytes_in=conn.bytes_in + len(dec.update(data)))

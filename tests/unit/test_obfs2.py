@@ -75,7 +75,7 @@ def test_snapshot_wrong_secret_is_rejected() -> None:
     data = json.loads(SNAPSHOT.read_text())
     secret = bytearray(_b64(data["secret"]))
     secret[0] ^= 1
-    with pytest.raises(Obfs2Error, match="unsupported connection type: [0-9a-f]{8}$"):
+    with pytest.raises(Obfs2Error, match=r"unsupported connection type: [0-9a-f]{8}$"):
         parse_client_frame(_b64(data["frame"]), bytes(secret))
 
 
@@ -133,7 +133,9 @@ def test_fuzz_only_obfs2_error(frame: bytes, key: bytes) -> None:
     assert hs.tag in TAGS
 
 
-@given(frame=st.binary(min_size=FRAME_LEN, max_size=FRAME_LEN), key=st.binary(min_size=16, max_size=16))
+@given(
+    frame=st.binary(min_size=FRAME_LEN, max_size=FRAME_LEN), key=st.binary(min_size=16, max_size=16)
+)
 def test_fuzz_random_frames(frame: bytes, key: bytes) -> None:
     try:
         hs = parse_client_frame(frame, key)
@@ -227,7 +229,9 @@ def test_dc_frame_random_frames_never_forbidden() -> None:
         assert wire[:4] not in (b"HEAD", b"POST", b"GET ", b"OPTI", TAG_PADDED, TAG_INTERMEDIATE)
 
 
-@pytest.mark.parametrize("tag", [b"", b"\xdd\xdd\xdd", b"\x00\x00\x00\x00", b"\xdd\xdd\xdd\xdd\xdd"])
+@pytest.mark.parametrize(
+    "tag", [b"", b"\xdd\xdd\xdd", b"\x00\x00\x00\x00", b"\xdd\xdd\xdd\xdd\xdd"]
+)
 def test_dc_frame_bad_tag(tag: bytes) -> None:
     with pytest.raises(Obfs2Error):
         generate_dc_frame(2, tag)

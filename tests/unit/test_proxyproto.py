@@ -349,7 +349,9 @@ def test_fuzz_random(data: bytes) -> None:
 
 
 @given(
-    prefix=st.sampled_from([b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", V2_SIGNATURE]),
+    prefix=st.sampled_from(
+        [b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", V2_SIGNATURE]
+    ),
     rest=st.binary(max_size=200),
 )
 def test_fuzz_after_signature(prefix: bytes, rest: bytes) -> None:

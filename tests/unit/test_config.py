@@ -1,0 +1,1551 @@
+"""Tests for mtgworkers.config: one table per value syntax (mtg's type_*_test.go examples
+included), then whole documents: defaults, mtg's example config, deprecated keys, errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtgworkers import config
+from mtgworkers.config import (
+    Config,
+    ConfigError,
+    HostPort,
+    ProxyURL,
+    format_duration,
+    load,
+    parse,
+    parse_bytes,
+    parse_concurrency,
+    parse_dc_address,
+    parse_dc_number,
+    parse_dns,
+    parse_duration,
+    parse_error_rate,
+    parse_host_port,
+    parse_http_path,
+    parse_https_url,
+    parse_ip,
+    parse_list_url,
+    parse_metric_prefix,
+    parse_port,
+    parse_prefer_ip,
+    parse_proxy_url,
+    parse_tag_format,
+)
+from mtgworkers.protocol.secret import Secret
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# mtg-compat.md a.4 (hex) and mtg's internal/config/testdata/minimal.toml (base64).
+SECRET_HEX = "ee473ce5d4958eb5f968c87680a23854a0676f6f676c652e636f6d"
+SECRET_B64 = "7oe1GqLy6TBc38CV3jx7q09nb29nbGUuY29t"
+FIREHOL = "https://iplists.firehol.org/files/firehol_level1.netset"
+
+
+def minimal(**extra: Any) -> dict[str, Any]:
+    return {"secret": SECRET_HEX, "bind-to": "0.0.0.0:443", **extra}
+
+
+def error_of(data: dict[str, Any], base_dir: str | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(data, base_dir=base_dir)
+    return str(info.value)
+
+
+def with_key(dotted: str, value: Any) -> dict[str, Any]:
+    """A minimal config with one (possibly nested) key set."""
+    data = minimal()
+    *tables, last = dotted.split(".")
+    node = data
+    for name in tables:
+        node = node.setdefault(name, {})
+    node[last] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations (TypeDuration)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        # mtg's type_duration_test.go
+        ("1s", 1.0),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("1\tM", 60.0),
+        ("1H", 3600.0),
+        ("1 h", 3600.0),
+        # mtg-compat.md a.2
+        ("5s", 5.0),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+        ("300ms", 0.3),
+        ("5 S", 5.0),
+        ("5M", 300.0),
+        ("0ms", 0.0),
+        ("1h0m0s", 3600.0),
+        ("5\u00b5s", 5e-6),  # MICRO SIGN
+        ("5\u03bcs", 5e-6),  # GREEK SMALL LETTER MU
+        ("5\u039cS", 5e-6),  # capital mu lower-cases to the Greek small mu
+        ("5us", 5e-6),
+        ("7ns", 7e-9),
+        (".5s", 0.5),
+        ("1.s", 1.0),
+        ("+5s", 5.0),
+        ("-0", 0.0),
+        ("-0s", 0.0),
+        ("1h1m1s1ms", 3661.001),
+        ("2562047h47m16.854775807s", 9223372036.854775807),  # Go's maximum
+    ],
+)
+def test_parse_duration_ok(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_duration_test.go
+        ("-1s", "duration has to be a positive"),
+        ("1 seconds ago", 'unknown unit "secondsago"'),
+        ("1s ago", 'unknown unit "sago"'),
+        ("", "invalid duration"),
+        # bare numbers need a unit, except "0"
+        ("5", "missing unit"),
+        ("0.5", "missing unit"),
+        ("1d", 'unknown unit "d"'),
+        ("s", "invalid duration"),
+        (".s", "invalid duration"),
+        ("1e3s", 'unknown unit "e"'),
+        ("- 5s", "duration has to be a positive"),
+        ("--5s", "invalid duration"),
+        ("1s 5", "missing unit"),
+        ("9223372036854775808ns", "invalid duration"),
+        ("2562047h47m16.854775808s", "invalid duration"),
+        ("1_000s", 'unknown unit "_"'),
+    ],
+)
+def test_parse_duration_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_duration(text)
+
+
+def test_parse_duration_fraction_rounds_like_go() -> None:
+    # Go: v += uint64(float64(f) * (float64(unit) / scale)), truncated to whole nanoseconds.
+    assert parse_duration("0.3333333333333333333h") * 1e9 == pytest.approx(1.2e12)
+    assert parse_duration("1.0000000001s") == pytest.approx(1.0000000001)  # 0.1 ns dropped
+    assert parse_duration("1.9999999999ns") == pytest.approx(1e-9)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (3.0, "3s"),
+        (10.0, "10s"),
+        (300.0, "5m0s"),
+        (5400.0, "1h30m0s"),
+        (21600.0, "6h0m0s"),
+        (1.5, "1.5s"),
+        (0.3, "300ms"),
+        (5e-6, "5\u00b5s"),
+        (7e-9, "7ns"),
+        (90.25, "1m30.25s"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+def test_format_duration_round_trips(nanoseconds: int) -> None:
+    seconds = nanoseconds / 1e9
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte sizes (TypeBytes)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        # mtg's type_bytes_test.go
+        ("1b", 1),
+        ("1kb", 1024),
+        ("1kib", 1024),
+        ("2mb", 2 * 1024 * 1024),
+        ("2mib", 2 * 1024 * 1024),
+        # mtg-compat.md a.2
+        ("1mb", 1048576),
+        ("1mib", 1048576),
+        ("512kib", 524288),
+        ("1.5MB", 1572864),
+        ("1MB512KB", 1572864),
+        ("1MiB512KiB", 1572864),
+        ("0", 0),
+        ("1 MiB", 1048576),
+        ("1\tgb", 1024**3),
+        ("1TiB", 1024**4),
+        ("1pb", 1024**5),
+        ("1eib", 1024**6),
+        ("7EB", 7 * 1024**6),
+        ("+1kb", 1024),
+        (".5kb", 512),
+        ("0.1b", 0),  # truncated to 0, which means "use the default"
+        ("1KB1B", 1025),
+    ],
+)
+def test_parse_bytes_ok(text: str, size: int) -> None:
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_bytes_test.go
+        ("1m", "unknown unit M"),
+        ("1", "missing unit"),
+        ("-1kb", "bytes should be positive"),
+        ("-1kib", "bytes should be positive"),
+        # spelling families cannot be mixed (alecthomas/units tries one map, then the other)
+        ("1MB512KiB", "unknown unit"),
+        ("", "invalid"),
+        ("kb", "invalid"),
+        ("1.5", "missing unit"),
+        ("1xb", "unknown unit"),
+        ("8EB", "overflow"),
+        ("1,5mb", "unknown unit"),
+        ("1ib", "unknown unit"),
+    ],
+)
+def test_parse_bytes_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_bytes(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# host:port (TypeHostPort), port (TypePort), concurrency (TypeConcurrency), IP (TypeIP)
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "printed"),
+    [
+        # mtg's type_hostport_test.go
+        ("127.0.0.1:80", "127.0.0.1", 80, "127.0.0.1:80"),
+        ("10.0.0.10:6553", "10.0.0.10", 6553, "10.0.0.10:6553"),
+        ("0.0.0.0:443", "0.0.0.0", 443, "0.0.0.0:443"),
+        ("[::]:443", "::", 443, "[::]:443"),
+        ("[::1]:3129", "::1", 3129, "[::1]:3129"),
+        ("[2001:DB8:0::1]:65535", "2001:db8::1", 65535, "[2001:db8::1]:65535"),
+        ("[1.2.3.4]:80", "1.2.3.4", 80, "1.2.3.4:80"),  # Go's SplitHostPort allows this
+        ("[::ffff:1.2.3.4]:80", "1.2.3.4", 80, "1.2.3.4:80"),
+        ("127.0.0.1:0443", "127.0.0.1", 443, "127.0.0.1:443"),
+    ],
+)
+def test_parse_host_port_ok(text: str, host: str, port: int, printed: str) -> None:
+    parsed = parse_host_port(text)
+    assert parsed == HostPort(host, port)
+    assert str(parsed) == printed
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_hostport_test.go
+        (":", "incorrect port"),
+        (":800", "empty host"),
+        ("127.0.0.1:8000000", "incorrect port"),
+        ("12...:80", "not an IP address"),
+        ("", "missing port"),
+        ("localhost", "missing port"),
+        ("google.com:", "incorrect port"),
+        # more
+        ("example.com:443", "not an IP address"),
+        ("::1:443", "too many colons"),
+        ("[::1]", "missing port"),
+        ("[::1]x:80", "missing port"),
+        ("[::1]:80:", "too many colons"),
+        ("[::1:80", "missing ']'"),
+        ("1.2.3.4:0", "incorrect port"),
+        ("1.2.3.4:-1", "incorrect port"),
+        ("1.2.3.4:+80", "incorrect port"),
+        ("1.2.3.4: 80", "incorrect port"),
+        ("[fe80::1%eth0]:80", "not an IP address"),
+        ("01.2.3.4:80", "not an IP address"),
+        ("1.2.3.4]:80", "unexpected bracket"),
+        ("[[::1]]:80", "unexpected bracket"),
+        ("1.2.3.4:\u0661\u0662", "incorrect port"),  # Arabic-Indic digits are not digits here
+    ],
+)
+def test_parse_host_port_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_host_port(text)
+
+
+@pytest.mark.parametrize("value", [1, 443, 65535])
+def test_parse_port_ok(value: int) -> None:
+    assert parse_port(value) == value
+
+
+# mtg's type_port_test.go: "", "port", "0", "-1", "1.5", "70000" (the string/float ones are
+# TOML type errors here, see test_wrong_toml_type; 0 means "default" at the document level).
+@pytest.mark.parametrize("value", [0, -1, 65536, 70000])
+def test_parse_port_errors(value: int) -> None:
+    with pytest.raises(ConfigError, match="incorrect port number"):
+        parse_port(value)
+
+
+@pytest.mark.parametrize("value", [1, 2, 9, 8192, 65535])
+def test_parse_concurrency_ok(value: int) -> None:
+    assert parse_concurrency(value) == value
+
+
+@pytest.mark.parametrize("value", [0, -1, 65536, 2**40])
+def test_parse_concurrency_errors(value: int) -> None:
+    with pytest.raises(ConfigError, match=r"1\.\.65535"):
+        parse_concurrency(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        # mtg's type_ip_test.go
+        ("2001:0db8:85a3:0000:0000:8a2e:0370:7334", "2001:db8:85a3::8a2e:370:7334"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("::", "::"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("::1.2.3.4", "::102:304"),
+    ],
+)
+def test_parse_ip_ok(text: str, canonical: str) -> None:
+    assert parse_ip(text) == canonical
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # mtg's type_ip_test.go
+        "",
+        "....",
+        "0...",
+        "300.200.200.800",
+        "[]",
+        # more
+        "[::1]",
+        "fe80::1%eth0",
+        "01.2.3.4",
+        " 1.2.3.4",
+        "1.2.3",
+        "localhost",
+    ],
+)
+def test_parse_ip_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="incorrect ip"):
+        parse_ip(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error rate, prefer-ip, tag format, metric prefix, http path
+
+
+@pytest.mark.parametrize("value", [0.001, 1.0, 50.0, 99.999, 1e-9])
+def test_parse_error_rate_ok(value: float) -> None:
+    assert parse_error_rate(value) == value
+
+
+# mtg's type_error_rate_test.go rejects "1e2" and "-1.0"; its other cases are not numbers,
+# which TOML itself cannot express as a float (see test_wrong_toml_type).
+@pytest.mark.parametrize("value", [1e2, -1.0, 0.0, 100.5, math.inf, -math.inf, math.nan])
+def test_parse_error_rate_errors(value: float) -> None:
+    with pytest.raises(ConfigError, match="0 < x < 100"):
+        parse_error_rate(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("prefer-ipv4", "prefer-ipv4"),
+        ("prefer-ipv6", "prefer-ipv6"),
+        ("only-ipv4", "only-ipv4"),
+        ("only-ipv6", "only-ipv6"),
+        ("ONLY-IPV4", "only-ipv4"),
+        ("Prefer-IPv6", "prefer-ipv6"),
+    ],
+)
+def test_parse_prefer_ip_ok(text: str, value: str) -> None:
+    assert parse_prefer_ip(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "prefer", "preferipv4", "prefer-ipv4_", "ipv4", " only-ipv4"])
+def test_parse_prefer_ip_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="unsupported ip preference"):
+        parse_prefer_ip(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("datadog", "datadog"),
+        ("influxdb", "influxdb"),
+        ("graphite", "graphite"),
+        ("DATADOG", "datadog"),
+        ("InfluxDB", "influxdb"),
+        ("GRAPHITE", "graphite"),
+    ],
+)
+def test_parse_tag_format_ok(text: str, value: str) -> None:
+    assert parse_tag_format(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "dogdog", "statsd", "datadog "])
+def test_parse_tag_format_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="unknown tag format"):
+        parse_tag_format(text)
+
+
+@pytest.mark.parametrize("text", ["mtg", "abc123", "0", "mtgproxy"])
+def test_parse_metric_prefix_ok(text: str) -> None:
+    assert parse_metric_prefix(text) == text
+
+
+@pytest.mark.parametrize(
+    # mtg's type_metric_prefix_test.go, then: no dots, no upper case, no trailing newline
+    "text",
+    ["", "-", "hello/world", "lala*", "++sdf++", "mtg.", "MTG", "mtg\n", "mtg_proxy"],
+)
+def test_parse_metric_prefix_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="incorrect metric prefix"):
+        parse_metric_prefix(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        # mtg's type_http_path_test.go
+        ("", "/"),
+        ("/", "/"),
+        ("/path", "/path"),
+        ("path", "/path"),
+        # more
+        ("/metrics/", "/metrics"),
+        ("//a/b//", "/a/b"),
+        ("///", "/"),
+    ],
+)
+def test_parse_http_path(text: str, path: str) -> None:
+    assert parse_http_path(text) == path
+
+
+# ---------------------------------------------------------------------------------------------
+# DNS (TypeDNSURI)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # mtg's type_dns_uri_test.go
+        ("1.1.1.1", "udp://1.1.1.1"),
+        ("tls://1.1.1.1", "tls://1.1.1.1"),
+        ("tls://dns.google", "tls://dns.google"),
+        ("https://1.1.1.1", "https://1.1.1.1"),
+        ("https://1.1.1.1/dns-query", "https://1.1.1.1/dns-query"),
+        ("https://dns.google", "https://dns.google"),
+        ("https://dns.google/dns-query", "https://dns.google/dns-query"),
+        ("udp://1.1.1.1", "udp://1.1.1.1"),
+        # more
+        ("udp://1.1.1.1:53", "udp://1.1.1.1:53"),
+        ("udp://[2606:4700:4700::1111]:53", "udp://[2606:4700:4700::1111]:53"),
+        ("tls://dns.google:853", "tls://dns.google:853"),
+        ("https://[::1]:8443/q", "https://[::1]:8443/q"),
+        ("HTTPS://1.1.1.1", "https://1.1.1.1"),
+        ("https://dns.example/dns-query?x=1", "https://dns.example/dns-query?x=1"),
+        # extension: bare IPv6 (mtg's URL parser rejects it)
+        ("2606:4700:4700::1111", "udp://[2606:4700:4700::1111]"),
+        ("[::1]", "udp://[::1]"),
+    ],
+)
+def test_parse_dns_ok(text: str, value: str) -> None:
+    assert parse_dns(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_dns_uri_test.go
+        ("xx", "unsupported DNS address"),
+        ("ppar", "unsupported DNS address"),
+        ("", "unsupported DNS address"),
+        ("dns://hahaha", "unsupported DNS type dns"),
+        ("udp://xcxxcv", "simple DNS must be an IP address"),
+        ("udp://1.1.1.1/xcv", "path is supported only for DoH"),
+        ("1.1.1.1/xxx", "unsupported DNS address"),
+        ("tls://dns/xx", "path is supported only for DoH"),
+        ("tls://1.1.1.1/xx", "path is supported only for DoH"),
+        ("https://user:password@1.1.1.1", "user info is not supported"),
+        ("tls://user:password@1.1.1.1", "user info is not supported"),
+        ("udp://user:password@1.1.1.1", "user info is not supported"),
+        # more
+        ("https://", "unsupported DNS address"),
+        ("1.1.1.1:53", "unsupported DNS"),
+        ("udp://1.1.1.1:70000", "incorrect port"),
+        ("udp://1.1.1.1:", "incorrect port"),
+        ("https://2606:4700::1111", "neither an IP address nor a valid host name"),
+        ("tls://[dns.google]", "incorrect IPv6 address in brackets"),
+        ("tls://bad host", "neither an IP address nor a valid host name"),
+        ("https://1.1.1.1\n", "control character"),
+        ("://1.1.1.1", "missing protocol scheme"),
+    ],
+)
+def test_parse_dns_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_dns(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# SOCKS5 proxies (TypeProxyURL)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # mtg's type_proxy_url_test.go (port 1080 added, query ignored)
+        ("socks5://127.0.0.1/?open_threshold=1", ProxyURL("socks5", "127.0.0.1", 1080)),
+        ("socks5://127.0.0.1:80", ProxyURL("socks5", "127.0.0.1", 80)),
+        # more
+        ("socks5h://proxy.example", ProxyURL("socks5h", "proxy.example", 1080)),
+        ("SOCKS5://127.0.0.1:1081", ProxyURL("socks5", "127.0.0.1", 1081)),
+        ("socks5://user@[::1]", ProxyURL("socks5", "::1", 1080, "user", None)),
+        ("socks5://u:p@10.0.0.1:9050", ProxyURL("socks5", "10.0.0.1", 9050, "u", "p")),
+        (
+            "socks5://us%20er:pa%40ss:w@proxy.example:1080",
+            ProxyURL("socks5", "proxy.example", 1080, "us er", "pa@ss:w"),
+        ),
+        ("socks5://:secret@h.example", ProxyURL("socks5", "h.example", 1080, "", "secret")),
+    ],
+)
+def test_parse_proxy_url_ok(text: str, expected: ProxyURL) -> None:
+    assert parse_proxy_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_proxy_url_test.go
+        ("", "has to have a scheme and a host"),
+        ("socks5://", "has to have a scheme and a host"),
+        ("://lala", "missing protocol scheme"),
+        ("/path", "has to have a scheme and a host"),
+        # more
+        ("http://127.0.0.1:1080", "unsupported schema: http"),
+        ("socks4://127.0.0.1", "unsupported schema: socks4"),
+        ("socks5://user@", "has to have a scheme and a host"),
+        ("socks5://127.0.0.1:0", "incorrect port"),
+        ("socks5://127.0.0.1:99999", "incorrect port"),
+        ("socks5://127.0.0.1:x", "incorrect port"),
+        ("socks5://bad host", "neither an IP address nor a valid host name"),
+        ("socks5://u:p%zz@h.example", "invalid userinfo"),
+        ("socks5://u:p%ff@h.example", "not UTF-8"),
+        ("127.0.0.1:1080", "has to have a scheme and a host"),
+    ],
+)
+def test_parse_proxy_url_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_proxy_url(text)
+
+
+def test_proxy_url_never_shows_password() -> None:
+    proxy = parse_proxy_url("socks5://alice:hunter2@[2001:db8::5]:1081")
+    assert proxy.password == "hunter2"
+    assert str(proxy) == "socks5://alice:REDACTED@[2001:db8::5]:1081"
+    assert "hunter2" not in repr(proxy)
+    assert str(parse_proxy_url("socks5://bob@h.example")) == "socks5://bob@h.example:1080"
+    assert str(parse_proxy_url("socks5://1.2.3.4")) == "socks5://1.2.3.4:1080"
+
+
+# ---------------------------------------------------------------------------------------------
+# IP-list sources (TypeBlocklistURI) and doppelganger URLs (TypeHttpsURL)
+
+
+@pytest.fixture
+def list_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    (tmp_path / "list.netset").write_text("10.0.0.0/8\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "other.netset").write_text("192.0.2.1\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # mtg's type_blocklist_uri_test.go
+        ("http://lalala", "http://lalala"),
+        ("https://lalala", "https://lalala"),
+        ("https://lalala/path", "https://lalala/path"),
+        # more
+        (FIREHOL, FIREHOL),
+        ("HTTPS://example.com:8443/a?b=c", "https://example.com:8443/a?b=c"),
+    ],
+)
+def test_parse_list_url_remote(text: str, value: str) -> None:
+    assert parse_list_url(text) == value
+
+
+def test_parse_list_url_files(list_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    absolute = str(list_dir / "list.netset")
+    assert parse_list_url(absolute) == absolute
+    assert parse_list_url(absolute, base_dir="/nonexistent") == absolute
+    # relative paths: against base_dir, which load() sets to the config file's directory
+    assert parse_list_url("list.netset", base_dir=str(list_dir)) == absolute
+    assert parse_list_url("sub/other.netset", base_dir=str(list_dir)) == str(
+        list_dir / "sub" / "other.netset"
+    )
+    assert parse_list_url("../list.netset", base_dir=str(list_dir / "sub")) == absolute
+    # without base_dir: the working directory (mtg's behaviour)
+    monkeypatch.chdir(list_dir / "sub")
+    assert parse_list_url("other.netset") == str(list_dir / "sub" / "other.netset")
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_blocklist_uri_test.go
+        ("gopher://lalala", "unknown schema gopher"),
+        ("https:///paths", "no host"),
+        ("h:/=", "unknown schema h"),
+        ("___", "neither an existing file nor an http"),
+        ("sub/___", "neither an existing file nor an http"),
+        ("sub", "directory"),
+        (".", "directory"),
+        # more
+        ("", "neither an existing file nor an http"),
+        ("list.netset\x00", "control character"),
+        ("http://bad host/", "neither an IP address nor a valid host name"),
+    ],
+)
+def test_parse_list_url_errors(list_dir: pathlib.Path, text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_list_url(text, base_dir=str(list_dir))
+
+
+def test_parse_list_url_rejects_special_and_unreadable_files(list_dir: pathlib.Path) -> None:
+    fifo = list_dir / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        parse_list_url(str(fifo))
+    if os.geteuid() == 0:
+        pytest.skip("root can read every file")
+    locked = list_dir / "locked.netset"
+    locked.write_text("")
+    locked.chmod(0)
+    with pytest.raises(ConfigError, match="not readable"):
+        parse_list_url(str(locked))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # mtg's type_https_url_test.go
+        ("https://example.com", "https://example.com"),
+        ("https://example.com:8443", "https://example.com:8443"),
+        ("https://example.com/path?q=1", "https://example.com/path?q=1"),
+        ("https://user:pass@example.com", "https://user:pass@example.com"),
+        ("HTTPS://example.com/", "https://example.com/"),
+    ],
+)
+def test_parse_https_url_ok(text: str, value: str) -> None:
+    assert parse_https_url(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # mtg's type_https_url_test.go
+        ("", "has to have a scheme and a host"),
+        ("https://", "has to have a scheme and a host"),
+        ("://lala", "missing protocol scheme"),
+        ("/path", "has to have a scheme and a host"),
+        ("http://example.com", "unsupported schema: http"),
+        ("socks5://example.com", "unsupported schema: socks5"),
+        # more
+        ("https://example.com:0", "incorrect port"),
+    ],
+)
+def test_parse_https_url_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_https_url(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# [dc-overrides] keys and addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "dc"),
+    [("2", 2), ("-2", -2), ("10002", 10002), ("203", 203), ("32767", 32767), ("-32768", -32768)],
+)
+def test_parse_dc_number_ok(text: str, dc: int) -> None:
+    assert parse_dc_number(text) == dc
+
+
+@pytest.mark.parametrize("text", ["0", "-0", "02", "+2", "abc", "", "32768", "-32769", "2.0", " 2"])
+def test_parse_dc_number_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="incorrect dc number"):
+        parse_dc_number(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:9443", ("127.0.0.1", 9443)),
+        ("[::1]:443", ("::1", 443)),
+        ("[2001:0DB8::1]:443", ("2001:db8::1", 443)),
+        ("dc.example.com:443", ("dc.example.com", 443)),
+        ("dc2:8443", ("dc2", 8443)),
+        ("dc.example.com.:443", ("dc.example.com.", 443)),
+        ("my_dc-1.internal:1", ("my_dc-1.internal", 1)),
+    ],
+)
+def test_parse_dc_address_ok(text: str, address: tuple[str, int]) -> None:
+    assert parse_dc_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("dc.example.com", "missing port"),
+        (":443", "empty host"),
+        ("1.2.3:443", "neither an IP address nor a valid host name"),
+        ("01.2.3.4:443", "neither an IP address nor a valid host name"),
+        ("bad host:443", "neither an IP address nor a valid host name"),
+        ("-bad.example:443", "neither an IP address nor a valid host name"),
+        ("a..b:443", "neither an IP address nor a valid host name"),
+        ("::1:443", "too many colons"),
+        ("127.0.0.1:0", "incorrect port"),
+        ("127.0.0.1:65536", "incorrect port"),
+        ("x" * 64 + ".example:443", "neither an IP address nor a valid host name"),
+    ],
+)
+def test_parse_dc_address_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_dc_address(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole documents
+
+
+def test_minimal_config_defaults_are_the_code_defaults() -> None:
+    cfg = parse(minimal())
+    assert cfg == Config(secret=Secret.parse(SECRET_HEX), bind_to=HostPort("0.0.0.0", 443))
+    # mtg-compat.md a.4, spelled out
+    assert cfg.secret.host == "google.com"
+    assert not cfg.defense.anti_replay.enabled
+    assert cfg.defense.anti_replay.max_size == 1048576
+    assert cfg.defense.anti_replay.error_rate == 0.001
+    assert not cfg.defense.blocklist.enabled and not cfg.defense.allowlist.enabled
+    assert cfg.defense.blocklist.update_each == 6 * 3600
+    assert cfg.defense.blocklist.download_concurrency == 1
+    assert cfg.defense.doppelganger == config.Doppelganger((), 10, 6 * 3600.0, False)
+    assert not cfg.stats.statsd.enabled and not cfg.stats.prometheus.enabled
+    assert cfg.stats.statsd.metric_prefix == "mtg."
+    assert cfg.stats.statsd.tag_format == "datadog"
+    assert cfg.stats.prometheus.metric_prefix == "mtg"
+    assert cfg.stats.prometheus.http_path == "/"
+    assert cfg.stats.statsd.address is None and cfg.stats.prometheus.bind_to is None
+    assert cfg.network.dns is None
+    assert cfg.network.proxies == ()
+    assert cfg.network.timeout == config.Timeouts(tcp=None, http=None, idle=300.0, handshake=10.0)
+    assert cfg.network.keep_alive == config.KeepAlive(False, 15.0, 15.0, 9)
+    assert cfg.tolerate_time_skewness == 3.0
+    assert cfg.concurrency == 4096
+    assert cfg.prefer_ip == "prefer-ipv6"
+    assert cfg.domain_fronting == config.DomainFronting(host=None, port=443, proxy_protocol=False)
+    assert cfg.public_ipv4 is None and cfg.public_ipv6 is None
+    assert not (cfg.debug or cfg.auto_update or cfg.allow_fallback_on_unknown_dc)
+    assert not cfg.proxy_protocol_listener
+    assert dict(cfg.dc_overrides) == {}
+    assert cfg.deprecated == ()
+
+
+def test_mtg_minimal_testdata_with_base64_secret() -> None:
+    # mtg's internal/config/testdata/minimal.toml
+    cfg = parse({"secret": SECRET_B64, "bind-to": "0.0.0.0:3128"})
+    assert cfg.secret.base64() == SECRET_B64
+    assert str(cfg.bind_to) == "0.0.0.0:3128"
+
+
+# Every key of mtg-compat.md a.3 set: the "example" column where it has a value, otherwise
+# mtg's commented-out example values (or a plausible value for keys the example lacks).
+MTG_EXAMPLE_TOML = f"""
+debug = true
+secret = "ee367a189aee18fa31c190054efd4a8e9573746f726167652e676f6f676c65617069732e636f6d"
+bind-to = "0.0.0.0:3128"
+proxy-protocol-listener = true
+concurrency = 8192
+prefer-ip = "prefer-ipv6"
+public-ipv4 = "203.0.113.1"
+public-ipv6 = "2001:db8::1"
+auto-update = true
+domain-fronting-port = 443
+domain-fronting-ip = "10.0.0.10"
+domain-fronting-proxy-protocol = true
+tolerate-time-skewness = "5s"
+allow-fallback-on-unknown-dc = true
+
+[domain-fronting]
+ip = "10.10.10.11"
+port = 8443
+proxy-protocol = false
+
+[network]
+doh-ip = "1.1.1.1"
+dns = "https://1.1.1.1"
+proxies = ["socks5://user:password@127.0.0.1:1080", "socks5h://proxy.example"]
+
+[network.timeout]
+tcp = "5s"
+http = "10s"
+idle = "5m"
+handshake = "10s"
+
+[network.keep-alive]
+disabled = true
+idle = "15s"
+interval = "15s"
+count = 9
+
+[defense.doppelganger]
+urls = ["https://www.example.com/"]
+repeats-per-raid = 10
+raid-each = "6h"
+drs = true
+
+[defense.anti-replay]
+enabled = true
+max-size = "1mib"
+error-rate = 0.001
+
+[defense.blocklist]
+enabled = true
+download-concurrency = 2
+urls = [
+    "{FIREHOL}",
+]
+update-each = "24h"
+
+[defense.allowlist]
+enabled = false
+download-concurrency = 2
+urls = [
+]
+update-each = "24h"
+
+[stats.statsd]
+enabled = true
+address = "127.0.0.1:8888"
+metric-prefix = "mtg"
+tag-format = "datadog"
+
+[stats.prometheus]
+enabled = true
+bind-to = "127.0.0.1:3129"
+http-path = "/"
+metric-prefix = "mtg"
+"""
+
+
+def test_mtg_example_config_with_every_key(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mtg.toml"
+    path.write_text(MTG_EXAMPLE_TOML)
+    cfg = load(path)
+    assert cfg.secret.host == "storage.googleapis.com"
+    assert cfg.debug and cfg.proxy_protocol_listener and cfg.auto_update
+    assert cfg.allow_fallback_on_unknown_dc
+    assert cfg.bind_to == HostPort("0.0.0.0", 3128)
+    assert cfg.concurrency == 8192
+    assert cfg.prefer_ip == "prefer-ipv6"
+    assert (cfg.public_ipv4, cfg.public_ipv6) == ("203.0.113.1", "2001:db8::1")
+    assert cfg.tolerate_time_skewness == 5.0
+    # [domain-fronting] wins over the deprecated keys; proxy-protocol is OR-ed
+    assert cfg.domain_fronting == config.DomainFronting("10.10.10.11", 8443, True)
+    assert cfg.network.dns == "https://1.1.1.1"
+    assert cfg.network.proxies == (
+        ProxyURL("socks5", "127.0.0.1", 1080, "user", "password"),
+        ProxyURL("socks5h", "proxy.example", 1080),
+    )
+    assert cfg.network.timeout == config.Timeouts(5.0, 10.0, 300.0, 10.0)
+    assert cfg.network.keep_alive == config.KeepAlive(True, 15.0, 15.0, 9)
+    assert cfg.defense.anti_replay == config.AntiReplay(True, 1048576, 0.001)
+    assert cfg.defense.blocklist == config.IPListConfig(True, 2, (FIREHOL,), 86400.0)
+    assert cfg.defense.allowlist == config.IPListConfig(False, 2, (), 86400.0)
+    assert cfg.defense.doppelganger == config.Doppelganger(
+        ("https://www.example.com/",), 10, 21600.0, True
+    )
+    assert cfg.stats.statsd == config.Statsd(True, HostPort("127.0.0.1", 8888), "mtg", "datadog")
+    assert cfg.stats.prometheus == config.Prometheus(True, HostPort("127.0.0.1", 3129), "/", "mtg")
+    assert cfg.deprecated == (
+        "domain-fronting-ip",
+        "domain-fronting-port",
+        "domain-fronting-proxy-protocol",
+        "network.doh-ip",
+    )
+
+
+def test_example_file_of_this_repository_parses_to_the_defaults() -> None:
+    cfg = load(REPO / "config.example.toml")
+    assert cfg.bind_to == HostPort("0.0.0.0", 443)
+    assert cfg.secret.host == "www.example.com"
+    assert cfg.secret.is_valid()
+    # every optional key is commented out, so the rest is the code defaults
+    assert cfg == Config(secret=cfg.secret, bind_to=cfg.bind_to)
+
+
+def _uncomment_example() -> str:
+    """config.example.toml with every commented-out `key = value` line enabled."""
+    lines = []
+    for line in (REPO / "config.example.toml").read_text().splitlines():
+        stripped = line.lstrip("# ")
+        key = stripped.split("=", 1)[0].strip()
+        is_setting = line.startswith("# ") and " = " in stripped and key.replace("-", "").isalnum()
+        lines.append(stripped if is_setting else line)
+    # the deprecated-key notes at the end are prose inside a comment block
+    return "\n".join(lines)
+
+
+def test_example_file_documents_every_key(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "all.toml"
+    path.write_text(_uncomment_example())
+    (tmp_path / "allowed-clients.netset").write_text("10.0.0.0/8\n")
+    cfg = load(path)
+    # every value in the example is valid, and every section's keys are known
+    assert cfg.defense.allowlist.urls == (str(tmp_path / "allowed-clients.netset"),)
+    assert cfg.dc_overrides == {
+        2: (("127.0.0.1", 9443), ("::1", 9443)),
+        -2: (("dc2-media.internal.example", 443),),
+    }
+    documented = set(_keys(tomllib.loads(MTG_EXAMPLE_TOML)))
+    present = set(_keys(tomllib.loads(path.read_text())))
+    deprecated = {
+        "domain-fronting-ip",
+        "domain-fronting-port",
+        "domain-fronting-proxy-protocol",
+        "network.doh-ip",
+    }
+    assert documented - deprecated <= present
+    text = (REPO / "config.example.toml").read_text()
+    for key in deprecated:
+        assert key.split(".")[-1] in text
+
+
+def _keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    result = []
+    for name, value in data.items():
+        if isinstance(value, dict):
+            result += _keys(value, f"{prefix}{name}.")
+        else:
+            result.append(prefix + name)
+    return result
+
+
+# --- zero values and defaults
+
+
+@pytest.mark.parametrize(
+    ("key", "zero", "attribute", "default"),
+    [
+        ("concurrency", 0, "concurrency", 4096),
+        ("prefer-ip", "", "prefer_ip", "prefer-ipv6"),
+        ("public-ipv4", "", "public_ipv4", None),
+        ("tolerate-time-skewness", "", "tolerate_time_skewness", 3.0),
+        ("tolerate-time-skewness", "0", "tolerate_time_skewness", 3.0),
+        ("tolerate-time-skewness", "0ms", "tolerate_time_skewness", 3.0),
+        ("domain-fronting.port", 0, "domain_fronting.port", 443),
+        ("domain-fronting.ip", "", "domain_fronting.host", None),
+        ("network.dns", "", "network.dns", None),
+        ("network.proxies", [], "network.proxies", ()),
+        ("network.timeout.tcp", "0", "network.timeout.tcp", None),
+        ("network.timeout.idle", "0s", "network.timeout.idle", 300.0),
+        ("network.keep-alive.count", 0, "network.keep_alive.count", 9),
+        ("defense.anti-replay.max-size", "0", "defense.anti_replay.max_size", 1048576),
+        ("defense.anti-replay.max-size", "0.1b", "defense.anti_replay.max_size", 1048576),
+        ("defense.anti-replay.error-rate", 0.0, "defense.anti_replay.error_rate", 0.001),
+        ("defense.anti-replay.error-rate", 0, "defense.anti_replay.error_rate", 0.001),
+        ("defense.anti-replay.error-rate", 1e-9, "defense.anti_replay.error_rate", 0.001),
+        ("defense.blocklist.download-concurrency", 0, "defense.blocklist.download_concurrency", 1),
+        ("defense.doppelganger.repeats-per-raid", 0, "defense.doppelganger.repeats_per_raid", 10),
+        ("stats.statsd.metric-prefix", "", "stats.statsd.metric_prefix", "mtg."),
+        ("stats.statsd.tag-format", "", "stats.statsd.tag_format", "datadog"),
+        ("stats.statsd.address", "", "stats.statsd.address", None),
+        ("stats.prometheus.http-path", "", "stats.prometheus.http_path", "/"),
+        ("debug", False, "debug", False),
+    ],
+)
+def test_zero_values_mean_default(key: str, zero: Any, attribute: str, default: Any) -> None:
+    value: Any = parse(with_key(key, zero))
+    for name in attribute.split("."):
+        value = getattr(value, name)
+    assert value == default
+
+
+def test_values_are_converted() -> None:
+    cfg = parse(
+        minimal(
+            **{
+                "prefer-ip": "ONLY-IPV4",
+                "network": {
+                    "dns": "9.9.9.9",
+                    "timeout": {"handshake": "1.5S", "tcp": "250ms"},
+                    "keep-alive": {"idle": "1 M", "count": 3},
+                },
+                "defense": {"anti-replay": {"max-size": "2MB512KB", "error-rate": 1}},
+                "stats": {
+                    "statsd": {"tag-format": "InfluxDB", "address": "[::1]:8125"},
+                    "prometheus": {"http-path": "metrics/", "bind-to": "[::]:9090"},
+                },
+            }
+        )
+    )
+    assert cfg.prefer_ip == "only-ipv4"
+    assert cfg.network.dns == "udp://9.9.9.9"
+    assert cfg.network.timeout.handshake == 1.5
+    assert cfg.network.timeout.tcp == 0.25
+    assert cfg.network.keep_alive.idle == 60.0
+    assert cfg.network.keep_alive.count == 3
+    assert cfg.defense.anti_replay.max_size == 2 * 1048576 + 512 * 1024
+    assert cfg.defense.anti_replay.error_rate == 1.0
+    assert isinstance(cfg.defense.anti_replay.error_rate, float)
+    assert cfg.stats.statsd.tag_format == "influxdb"
+    assert str(cfg.stats.statsd.address) == "[::1]:8125"
+    assert cfg.stats.prometheus.http_path == "/metrics"
+    assert str(cfg.stats.prometheus.bind_to) == "[::]:9090"
+
+
+# --- deprecated keys
+
+
+@pytest.mark.parametrize(
+    ("extra", "fronting", "deprecated"),
+    [
+        ({"domain-fronting-port": 8443}, (None, 8443, False), ("domain-fronting-port",)),
+        (
+            {"domain-fronting-port": 8443, "domain-fronting": {"port": 9443}},
+            (None, 9443, False),
+            ("domain-fronting-port",),
+        ),
+        ({"domain-fronting-ip": "10.0.0.10"}, ("10.0.0.10", 443, False), ("domain-fronting-ip",)),
+        (
+            {"domain-fronting-ip": "10.0.0.10", "domain-fronting": {"ip": "10.0.0.11"}},
+            ("10.0.0.11", 443, False),
+            ("domain-fronting-ip",),
+        ),
+        (
+            {"domain-fronting-proxy-protocol": True},
+            (None, 443, True),
+            ("domain-fronting-proxy-protocol",),
+        ),
+        (
+            {"domain-fronting-proxy-protocol": False, "domain-fronting": {"proxy-protocol": True}},
+            (None, 443, True),
+            (),
+        ),
+        # zero values are "not set": no warning
+        ({"domain-fronting-port": 0, "domain-fronting-ip": ""}, (None, 443, False), ()),
+    ],
+)
+def test_deprecated_domain_fronting_keys(
+    extra: dict[str, Any], fronting: tuple[Any, ...], deprecated: tuple[str, ...]
+) -> None:
+    cfg = parse(minimal(**extra))
+    assert cfg.domain_fronting == config.DomainFronting(*fronting)
+    assert cfg.deprecated == deprecated
+
+
+@pytest.mark.parametrize(
+    ("network", "dns"),
+    [
+        ({"doh-ip": "1.1.1.1"}, "https://1.1.1.1"),
+        ({"doh-ip": "2606:4700:4700::1111"}, "https://[2606:4700:4700::1111]"),
+        ({"doh-ip": "1.1.1.1", "dns": "tls://dns.google"}, "tls://dns.google"),
+        ({"doh-ip": "1.1.1.1", "dns": ""}, "https://1.1.1.1"),
+    ],
+)
+def test_deprecated_doh_ip(network: dict[str, Any], dns: str) -> None:
+    cfg = parse(minimal(network=network))
+    assert cfg.network.dns == dns
+    assert cfg.deprecated == ("network.doh-ip",)
+
+
+def test_deprecated_values_are_validated() -> None:
+    assert error_of(minimal(**{"domain-fronting-port": 70000})).startswith(
+        "domain-fronting-port: incorrect port number"
+    )
+    assert error_of(minimal(**{"domain-fronting-ip": "x"})) == "domain-fronting-ip: incorrect ip x"
+    assert error_of(minimal(network={"doh-ip": "1.1.1"})) == "network.doh-ip: incorrect ip 1.1.1"
+
+
+# --- [dc-overrides]
+
+
+def test_dc_overrides_from_toml(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            secret = "{SECRET_HEX}"
+            bind-to = "127.0.0.1:8443"
+
+            [dc-overrides]
+            2 = ["127.0.0.1:9443", "[::1]:9443"]
+            -4 = ["dc4-media.example:443"]
+            10002 = ["[2001:db8::2]:443"]
+            """
+        )
+    )
+    cfg = load(path)
+    assert dict(cfg.dc_overrides) == {
+        2: (("127.0.0.1", 9443), ("::1", 9443)),
+        -4: (("dc4-media.example", 443),),
+        10002: (("2001:db8::2", 443),),
+    }
+    with pytest.raises(TypeError):
+        cfg.dc_overrides[3] = (("127.0.0.1", 1),)  # type: ignore[index]
+    assert cfg.to_json_dict()["dc-overrides"] == {
+        "2": ["127.0.0.1:9443", "[::1]:9443"],
+        "-4": ["dc4-media.example:443"],
+        "10002": ["[2001:db8::2]:443"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"2": ["localhost"]}, "dc-overrides.2[0]: missing port in address: localhost"),
+        ({"2": ["127.0.0.1:1", "::1:443"]}, "dc-overrides.2[1]: too many colons"),
+        ({"2": []}, "dc-overrides.2: expected a non-empty array"),
+        ({"2": "127.0.0.1:443"}, "dc-overrides.2: expected an array of strings, got string"),
+        ({"2": [443]}, "dc-overrides.2[0]: expected a string, got integer"),
+        ({"two": ["127.0.0.1:443"]}, "dc-overrides.two: incorrect dc number"),
+        ({"0": ["127.0.0.1:443"]}, "dc-overrides.0: incorrect dc number"),
+        ({"2": {"a": 1}}, "dc-overrides.2: expected an array of strings, got table"),
+    ],
+)
+def test_dc_overrides_errors(overrides: dict[str, Any], message: str) -> None:
+    assert error_of(minimal(**{"dc-overrides": overrides})).startswith(message)
+
+
+def test_dc_overrides_must_be_a_table() -> None:
+    assert error_of(minimal(**{"dc-overrides": ["127.0.0.1:1"]})) == (
+        "dc-overrides: expected a table, got array"
+    )
+
+
+# --- errors name the key
+
+
+def test_secret_errors() -> None:
+    assert error_of({"bind-to": "0.0.0.0:443"}) == "secret: secret is empty"
+    assert error_of({"secret": "", "bind-to": "0.0.0.0:443"}) == "secret: secret is empty"
+    dd = "dd" + SECRET_HEX[2:34]
+    assert error_of(minimal(secret=dd)).startswith("secret: incorrect first byte of secret: 0xdd")
+    zero_key = "ee" + "00" * 16 + "676f6f676c652e636f6d"
+    assert error_of(minimal(secret=zero_key)).startswith("secret: invalid secret")
+    assert error_of(minimal(secret=42)) == "secret: expected a string, got integer"
+
+
+def test_secret_text_never_appears_in_errors() -> None:
+    no_host = SECRET_HEX[:34]  # marker + key, no host: the secret parser quotes its input
+    message = error_of(minimal(secret=no_host))
+    assert message.startswith("secret: hostname cannot be empty")
+    assert no_host not in message
+    assert no_host[2:] not in message
+    zero_key = "ee" + "00" * 16 + "676f6f676c652e636f6d"
+    assert zero_key not in error_of(minimal(secret=zero_key))
+
+
+def test_bind_to_is_required() -> None:
+    assert error_of({"secret": SECRET_HEX}).startswith("bind-to: bind-to is required")
+    assert error_of({"secret": SECRET_HEX, "bind-to": ""}).startswith("bind-to: bind-to is")
+    assert error_of(minimal(**{"bind-to": "localhost:443"})) == (
+        "bind-to: host is not an IP address: localhost:443"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("network.timeout.idle", "-1s", "network.timeout.idle: duration has to be a positive"),
+        ("network.timeout.tcp", "5", "network.timeout.tcp: incorrect duration (5): missing unit"),
+        ("network.keep-alive.interval", "1d", "network.keep-alive.interval: incorrect duration"),
+        ("network.keep-alive.count", 65536, "network.keep-alive.count: value should be 1..65535"),
+        ("network.keep-alive.count", -1, "network.keep-alive.count: negative number -1"),
+        ("network.proxies", [""], "network.proxies[0]: url has to have a scheme and a host"),
+        ("network.proxies", ["socks5://h.example", "x"], "network.proxies[1]: url has to have"),
+        ("network.dns", "dns://1.1.1.1", "network.dns: unsupported DNS type dns"),
+        ("concurrency", 65536, "concurrency: value should be 1..65535 (65536)"),
+        ("prefer-ip", "ipv4", "prefer-ip: unsupported ip preference: ipv4"),
+        ("public-ipv6", "::1%lo", "public-ipv6: incorrect ip ::1%lo"),
+        ("tolerate-time-skewness", "-3s", "tolerate-time-skewness: duration has to be a positive"),
+        ("domain-fronting.port", 65536, "domain-fronting.port: incorrect port number (65536)"),
+        ("domain-fronting.port", -443, "domain-fronting.port: negative number -443"),
+        ("defense.anti-replay.max-size", "1", "defense.anti-replay.max-size: incorrect bytes"),
+        ("defense.anti-replay.error-rate", 100, "defense.anti-replay.error-rate: value should"),
+        ("defense.anti-replay.error-rate", -0.5, "defense.anti-replay.error-rate: value should"),
+        ("defense.anti-replay.error-rate", math.nan, "defense.anti-replay.error-rate: value"),
+        ("defense.blocklist.urls", ["ftp://x"], "defense.blocklist.urls[0]: neither an existing"),
+        ("defense.allowlist.update-each", "x", "defense.allowlist.update-each: incorrect"),
+        ("defense.doppelganger.urls", ["http://a"], "defense.doppelganger.urls[0]: unsupported"),
+        ("defense.doppelganger.raid-each", "-6h", "defense.doppelganger.raid-each: duration"),
+        ("stats.statsd.address", "localhost:8125", "stats.statsd.address: host is not an IP"),
+        ("stats.statsd.metric-prefix", "mtg.", "stats.statsd.metric-prefix: incorrect metric"),
+        ("stats.statsd.tag-format", "json", "stats.statsd.tag-format: unknown tag format json"),
+        ("stats.prometheus.bind-to", ":9090", "stats.prometheus.bind-to: empty host: :9090"),
+        ("stats.prometheus.metric-prefix", "MTG", "stats.prometheus.metric-prefix: incorrect"),
+    ],
+)
+def test_value_errors_name_the_dotted_key(key: str, value: Any, message: str) -> None:
+    assert error_of(with_key(key, value)).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("debug", "true", "debug: expected a boolean, got string"),
+        ("debug", 1, "debug: expected a boolean, got integer"),
+        ("bind-to", 443, "bind-to: expected a string, got integer"),
+        ("concurrency", "8192", "concurrency: expected an integer, got string"),
+        ("concurrency", 1.0, "concurrency: expected an integer, got float"),
+        ("concurrency", True, "concurrency: expected an integer, got boolean"),
+        ("tolerate-time-skewness", 5, "tolerate-time-skewness: expected a string, got integer"),
+        ("domain-fronting.port", "443", "domain-fronting.port: expected an integer, got string"),
+        ("domain-fronting.port", 1.5, "domain-fronting.port: expected an integer, got float"),
+        ("domain-fronting", "x", "domain-fronting: expected a table, got string"),
+        ("network", [{}], "network: expected a table, got array"),
+        ("network.proxies", "socks5://h", "network.proxies: expected an array of strings, got"),
+        ("network.proxies", [1080], "network.proxies[0]: expected a string, got integer"),
+        ("network.timeout", "5s", "network.timeout: expected a table, got string"),
+        ("network.keep-alive.disabled", "yes", "network.keep-alive.disabled: expected a boolean"),
+        ("defense.anti-replay.max-size", 1048576, "defense.anti-replay.max-size: expected a str"),
+        ("defense.anti-replay.error-rate", "0.1", "defense.anti-replay.error-rate: expected a n"),
+        ("defense.anti-replay.error-rate", True, "defense.anti-replay.error-rate: expected a n"),
+        ("defense.blocklist.urls", [[FIREHOL]], "defense.blocklist.urls[0]: expected a string"),
+        ("stats.prometheus.enabled", "true", "stats.prometheus.enabled: expected a boolean"),
+    ],
+)
+def test_wrong_toml_type(key: str, value: Any, message: str) -> None:
+    assert error_of(with_key(key, value)).startswith(message)
+
+
+def test_wrong_toml_type_for_datetime(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'secret = "{SECRET_HEX}"\nbind-to = "0.0.0.0:1"\n'
+        "[network.timeout]\nidle = 1979-05-27T07:32:00Z\n"
+    )
+    with pytest.raises(ConfigError, match=r"^network\.timeout\.idle: expected a string, got datetime$"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "secrets",
+        "bind_to",
+        "domain-fronting.host",
+        "network.timeot",
+        "network.timeout.connect",
+        "network.keep-alive.enabled",
+        "network.doh",
+        "defense.anti-replay.enable",
+        "defense.blocklist.url",
+        "defense.allowlist.update",
+        "defense.doppelganger.repeats",
+        "defense.antireplay",
+        "stats.statsd.prefix",
+        "stats.prometheus.path",
+        "stats.influx",
+    ],
+)
+def test_unknown_keys_are_errors(dotted: str) -> None:
+    assert error_of(with_key(dotted, "x")) == f"{dotted}: unknown key"
+
+
+def test_unknown_table_is_an_error(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'secret = "{SECRET_HEX}"\nbind-to = "0.0.0.0:1"\n[metrics]\nport = 1\n')
+    with pytest.raises(ConfigError, match=r"^metrics: unknown key$"):
+        load(path)
+
+
+# --- load()
+
+
+def test_load_resolves_list_files_against_the_config_directory(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "block.netset").write_text("10.0.0.0/8\n")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (conf_dir / "c.toml").write_text(
+        f'secret = "{SECRET_HEX}"\nbind-to = "0.0.0.0:1"\n'
+        f'[defense.blocklist]\nurls = ["block.netset", "{FIREHOL}"]\n'
+    )
+    cfg = load(pathlib.Path("..", "etc", "c.toml"))
+    assert cfg.defense.blocklist.urls == (str(conf_dir / "block.netset"), FIREHOL)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"s = sdfsdfds", "cannot parse toml config"),  # mtg's testdata/broken.toml
+        (b"", "secret: secret is empty"),
+        (f'secret = "{SECRET_B64}"\n'.encode(), "bind-to: bind-to is required"),
+        (b'secret = "\xff"', "cannot parse toml config"),
+        (b"a = 1\na = 2\n", "cannot parse toml config"),
+    ],
+)
+def test_load_errors(tmp_path: pathlib.Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load(path)
+
+
+def test_load_missing_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config .*nope\.toml"):
+        load(tmp_path / "nope.toml")
+
+
+def test_parse_rejects_non_mapping() -> None:
+    with pytest.raises(ConfigError, match="expected a table"):
+        parse(["secret"])  # type: ignore[arg-type]
+
+
+# --- the parsed object
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse(minimal())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.concurrency = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.network.timeout.idle = 1.0  # type: ignore[misc]
+
+
+def test_parse_does_not_modify_its_input() -> None:
+    data = tomllib.loads(MTG_EXAMPLE_TOML)
+    before = copy.deepcopy(data)
+    parse(data)
+    assert data == before
+
+
+def test_to_json_dict_redacts_secrets(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mtg.toml"
+    path.write_text(MTG_EXAMPLE_TOML.replace("user:password@", "alice:s3cr3t-pw@"))
+    cfg = load(path)
+    dumped = json.dumps(cfg.to_json_dict())
+    for hidden in (
+        cfg.secret.key.hex(),
+        cfg.secret.hex(),
+        cfg.secret.base64(),
+        cfg.secret.key.hex().upper(),
+        "s3cr3t-pw",
+    ):
+        assert hidden not in dumped
+    data = json.loads(dumped)
+    assert data["secret"] == {"key": "REDACTED", "host": "storage.googleapis.com"}
+    assert data["network"]["proxies"] == [
+        "socks5://alice:REDACTED@127.0.0.1:1080",
+        "socks5h://proxy.example:1080",
+    ]
+    assert data["bind-to"] == "0.0.0.0:3128"
+    assert data["tolerate-time-skewness"] == "5s"
+    assert data["network"]["timeout"] == {
+        "tcp": "5s",
+        "http": "10s",
+        "idle": "5m0s",
+        "handshake": "10s",
+    }
+    assert data["domain-fronting"] == {"ip": "10.10.10.11", "port": 8443, "proxy-protocol": True}
+    assert data["defense"]["blocklist"] == {
+        "enabled": True,
+        "download-concurrency": 2,
+        "urls": [FIREHOL],
+        "update-each": "24h0m0s",
+    }
+    assert data["defense"]["anti-replay"] == {
+        "enabled": True,
+        "max-size": 1048576,
+        "error-rate": 0.001,
+    }
+    assert data["stats"]["statsd"]["address"] == "127.0.0.1:8888"
+    assert data["stats"]["prometheus"]["bind-to"] == "127.0.0.1:3129"
+
+
+def test_to_json_dict_mirrors_the_file_layout() -> None:
+    """Apart from the secret, the JSON form is a valid config that parses to the same values."""
+    cfg = parse(tomllib.loads(MTG_EXAMPLE_TOML))
+    data = cfg.to_json_dict()
+    data["secret"] = cfg.secret.hex()
+    data["network"]["proxies"] = [
+        "socks5://user:password@127.0.0.1:1080",
+        "socks5h://proxy.example",
+    ]
+    data = _drop_nulls(data)
+    again = parse(data)
+    assert dataclasses.replace(again, deprecated=cfg.deprecated) == cfg
+
+
+def _drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: _drop_nulls(value) if isinstance(value, dict) else value
+        for key, value in data.items()
+        if value is not None
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: hostile input raises ConfigError and nothing else
+
+TEXT_PARSERS = [
+    parse_duration,
+    parse_bytes,
+    parse_host_port,
+    parse_ip,
+    parse_prefer_ip,
+    parse_tag_format,
+    parse_metric_prefix,
+    parse_http_path,
+    parse_dns,
+    parse_proxy_url,
+    parse_https_url,
+    parse_dc_number,
+    parse_dc_address,
+    lambda text: parse_list_url(text, base_dir="/nonexistent-base-dir"),
+]
+
+URLISH = st.text(
+    alphabet=st.sampled_from(
+        [*"ab1:/.@[]%?#-_ 0e5smhkKiIB\u00b5\t\n", "socks5://", "https://"]
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("parser", TEXT_PARSERS)
+@settings(max_examples=150, deadline=None)
+@given(text=st.one_of(st.text(max_size=40), URLISH))
+def test_text_parsers_raise_only_config_error(parser: Any, text: str) -> None:
+    try:
+        parser(text)
+    except ConfigError:
+        pass
+
+
+TOML_SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(["0", "5s", "1mb", "127.0.0.1:1", "socks5://h", "https://h", "1.1.1.1"]),
+)
+TOML_VALUES = st.recursive(
+    TOML_SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["enabled", "urls", "port", "ip", "idle", "2", "x"]),
+            children,
+            max_size=3,
+        ),
+    ),
+    max_leaves=8,
+)
+KNOWN_KEYS = [
+    "debug",
+    "concurrency",
+    "prefer-ip",
+    "public-ipv4",
+    "domain-fronting",
+    "domain-fronting-port",
+    "network",
+    "defense",
+    "stats",
+    "dc-overrides",
+    "tolerate-time-skewness",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(extra=st.dictionaries(st.sampled_from(KNOWN_KEYS), TOML_VALUES, max_size=4))
+def test_parse_raises_only_config_error(extra: dict[str, Any]) -> None:
+    try:
+        parse(minimal(**extra), base_dir="/nonexistent-base-dir")
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    section=st.sampled_from(
+        [
+            "network.timeout",
+            "network.keep-alive",
+            "network",
+            "defense.anti-replay",
+            "defense.blocklist",
+            "defense.doppelganger",
+            "stats.statsd",
+            "stats.prometheus",
+            "domain-fronting",
+            "dc-overrides",
+        ]
+    ),
+    key=st.sampled_from(
+        [
+            "idle",
+            "count",
+            "dns",
+            "proxies",
+            "max-size",
+            "error-rate",
+            "urls",
+            "address",
+            "metric-prefix",
+            "http-path",
+            "port",
+            "ip",
+            "2",
+            "-2",
+            "tcp",
+            "drs",
+        ]
+    ),
+    value=TOML_VALUES,
+)
+def test_parse_nested_raises_only_config_error(section: str, key: str, value: Any) -> None:
+    try:
+        parse(with_key(f"{section}.{key}", value), base_dir="/nonexistent-base-dir")
+    except ConfigError:
+        pass
