@@ -59,6 +59,7 @@ __all__ = [
     "Stats",
     "Statsd",
     "Timeouts",
+    "format_bytes",
     "format_duration",
     "load",
     "parse",
@@ -250,8 +251,9 @@ class Config:
     def to_json_dict(self) -> dict[str, Any]:
         """Return the configuration as JSON-able data shaped like the TOML file.
 
-        Defaults are filled in; the secret key and proxy passwords are replaced by
-        ``REDACTED``; durations are Go-style strings (``"5m0s"``), sizes are bytes.
+        Defaults are filled in; the secret key and every password (proxies, URLs with user
+        info) are replaced by ``REDACTED``; durations and sizes are strings as mtg prints them
+        (``"5m0s"``, ``"1mib"``), so apart from the secrets the result is a valid configuration.
         """
         keep_alive = self.network.keep_alive
         timeout = self.network.timeout
@@ -294,13 +296,13 @@ class Config:
             "defense": {
                 "anti-replay": {
                     "enabled": defense.anti_replay.enabled,
-                    "max-size": defense.anti_replay.max_size,
+                    "max-size": format_bytes(defense.anti_replay.max_size),
                     "error-rate": defense.anti_replay.error_rate,
                 },
                 "blocklist": _ip_list_json(defense.blocklist),
                 "allowlist": _ip_list_json(defense.allowlist),
                 "doppelganger": {
-                    "urls": list(defense.doppelganger.urls),
+                    "urls": [_redact_url(url) for url in defense.doppelganger.urls],
                     "repeats-per-raid": defense.doppelganger.repeats_per_raid,
                     "raid-each": format_duration(defense.doppelganger.raid_each),
                     "drs": defense.doppelganger.drs,
@@ -331,7 +333,7 @@ def _ip_list_json(cfg: IPListConfig) -> dict[str, Any]:
     return {
         "enabled": cfg.enabled,
         "download-concurrency": cfg.download_concurrency,
-        "urls": list(cfg.urls),
+        "urls": [_redact_url(url) for url in cfg.urls],
         "update-each": format_duration(cfg.update_each),
     }
 
@@ -381,6 +383,10 @@ def parse_duration(text: str) -> float:
 class _Invalid(Exception):
     """Internal: reason of a syntax error, wrapped into a ConfigError by the caller."""
 
+    def __init__(self, reason: str, *, unknown_unit: bool = False) -> None:
+        super().__init__(reason)
+        self.unknown_unit = unknown_unit
+
 
 def _go_duration_ns(text: str) -> int:
     # Mirrors Go's time.ParseDuration, including how fractions are rounded: the result must
@@ -401,9 +407,11 @@ def _go_duration_ns(text: str) -> int:
             raise _Invalid(f"invalid duration {quoted}")
         whole, rest = _split_digits(rest)
         has_whole = bool(whole)
-        value = int(whole) if whole else 0
-        if value > _INT64_LIMIT:
+        # The length check keeps int() away from huge digit strings (and its 4300-digit limit).
+        significant = whole.lstrip("0")
+        if len(significant) > 19 or int(significant or "0") > _INT64_LIMIT:
             raise _Invalid(f"invalid duration {quoted}")
+        value = int(significant or "0")
         fraction, scale, has_fraction = 0, 1.0, False
         if rest[:1] == ".":
             digits, rest = _split_digits(rest[1:])
@@ -493,14 +501,28 @@ def parse_bytes(text: str) -> int:
     # Like alecthomas/units: one spelling family per value ("1MiB512KiB" or "1MB512KB").
     try:
         value = _parse_units(cleaned, _BYTE_UNITS_IEC)
-    except _Invalid:
+    except _Invalid as iec_error:
         try:
             value = _parse_units(cleaned, _BYTE_UNITS_OLD)
-        except _Invalid as exc:
-            raise ConfigError(f"incorrect bytes value ({text}): {exc}") from None
+        except _Invalid as old_error:
+            # Report what went wrong with the spelling that was actually used.
+            reason = old_error if iec_error.unknown_unit else iec_error
+            raise ConfigError(f"incorrect bytes value ({text}): {reason}") from None
     if value < 0:
         raise ConfigError(f"bytes should be positive ({text})")
     return value
+
+
+def format_bytes(size: int) -> str:
+    """Format a byte size as mtg prints it: ``1048576`` -> ``"1mib"``, ``1025`` -> ``"1kib1b"``."""
+    if size == 0:
+        return "0b"
+    parts = []
+    for power, name in reversed(list(enumerate(("b", "kib", "mib", "gib", "tib", "pib", "eib")))):
+        count, size = divmod(size, 1024**power)
+        if count:
+            parts.append(f"{count}{name}")
+    return "".join(parts)
 
 
 def _parse_units(text: str, units: Mapping[str, float]) -> int:
@@ -523,7 +545,10 @@ def _parse_units(text: str, units: Mapping[str, float]) -> int:
         fraction = ""
         if rest[:1] == ".":
             fraction, rest = _split_digits(rest[1:])
-            number += float(_units_int(fraction, text)) / (10.0 ** len(fraction))
+            scale = 1.0
+            for _ in fraction:  # repeated multiplication, like Go (10.0 ** n rounds differently)
+                scale *= 10
+            number += float(_units_int(fraction, text)) / scale
         if not whole and not fraction:
             raise _Invalid(f"invalid {text}")
         end = 0
@@ -534,7 +559,7 @@ def _parse_units(text: str, units: Mapping[str, float]) -> int:
             raise _Invalid(f"missing unit in {text}")
         unit = units.get(unit_name)
         if unit is None:
-            raise _Invalid(f"unknown unit {unit_name} in {text}")
+            raise _Invalid(f"unknown unit {unit_name} in {text}", unknown_unit=True)
         total += number * unit
     if negative:
         total = -total
@@ -646,9 +671,15 @@ _PORT_RE = re.compile(r"[0-9]+")
 
 
 def _port_from_text(port: str, context: str) -> int:
-    if not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
+    # Decimal digits only (Go's ParseUint: no sign, no spaces); leading zeros are fine.
+    significant = port.lstrip("0")
+    if (
+        not _PORT_RE.fullmatch(port)
+        or len(significant) > 5
+        or not 1 <= int(significant or "0") <= 65535
+    ):
         raise ConfigError(f"incorrect port number ({context})")
-    return int(port)
+    return int(significant)
 
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -729,10 +760,26 @@ _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _USERINFO_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*")
 
 
-def _split_url(text: str) -> _URL:
+def _redact_url(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:REDACTED@host`` (for messages)."""
+    start = text.find("://")
+    if start < 0:
+        return text
+    start += 3
+    ends = (text.find(separator, start) for separator in "/?#")
+    end = min((i for i in ends if i >= 0), default=len(text))
+    at = text.rfind("@", start, end)
+    colon = text.find(":", start, at) if at >= 0 else -1
+    if colon < 0:
+        return text
+    return text[: colon + 1] + REDACTED + text[at:]
+
+
+def _split_url(text: str, context: str) -> _URL:
     # A small subset of Go's url.Parse: enough to tell the forms mtg accepts apart.
+    # `context` is the text to quote in error messages (password redacted).
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
-        raise ConfigError(f"invalid control character in URL: {text!r}")
+        raise ConfigError("invalid control character in URL")
     scheme = ""
     rest = text
     match = _SCHEME_RE.match(text)
@@ -740,7 +787,7 @@ def _split_url(text: str) -> _URL:
         scheme = match.group(1).lower()
         rest = text[match.end() :]
     elif text.startswith(":"):
-        raise ConfigError(f"missing protocol scheme: {text}")
+        raise ConfigError(f"missing protocol scheme: {context}")
     query_at = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     before_query, tail = rest[:query_at], rest[query_at:]
     authority: str | None = None
@@ -757,11 +804,11 @@ def _split_url(text: str) -> _URL:
         if at >= 0:
             userinfo, hostport = authority[:at], authority[at + 1 :]
             if not _USERINFO_RE.fullmatch(userinfo):
-                raise ConfigError(f"invalid userinfo in URL: {text}")
+                raise ConfigError(f"invalid userinfo in URL: {context}")
             name, colon, secret = userinfo.partition(":")
             username = _unquote(name)
             password = _unquote(secret) if colon else None
-        host, port = _split_url_host(hostport, text)
+        host, port = _split_url_host(hostport, context)
     return _URL(
         scheme=scheme,
         authority=authority,
@@ -820,22 +867,24 @@ def parse_dns(text: str) -> str:
     ``udp://IP[:port]`` or a bare IP (plain DNS; returned as ``udp://IP``). No user info;
     a path only for DoH. Raises ConfigError.
     """
-    bare = _ip_or_none(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
-    if bare is not None:
+    bracketed = text.startswith("[") and text.endswith("]")
+    bare = _ip_or_none(text[1:-1] if bracketed else text)
+    if bare is not None and (":" in bare or not bracketed):
         return "udp://" + (f"[{bare}]" if ":" in bare else bare)
-    url = _split_url(text)
+    shown = _redact_url(text)
+    url = _split_url(text, shown)
     if url.authority is None or not url.host:
         raise ConfigError(
-            f"unsupported DNS address {text}: expected https://, tls://, udp:// or IP"
+            f"unsupported DNS address {shown}: expected https://, tls://, udp:// or IP"
         )
     if url.scheme not in ("https", "tls", "udp"):
-        raise ConfigError(f"unsupported DNS type {url.scheme or '(none)'}: {text}")
+        raise ConfigError(f"unsupported DNS type {url.scheme or '(none)'}: {shown}")
     if url.username is not None:
-        raise ConfigError(f"user info is not supported: {text}")
+        raise ConfigError(f"user info is not supported: {shown}")
     if url.scheme != "https" and url.path:
-        raise ConfigError(f"path is supported only for DoH: {text}")
-    host = _url_host(url, text)
-    _url_port(url, None, text)
+        raise ConfigError(f"path is supported only for DoH: {shown}")
+    host = _url_host(url, shown)
+    _url_port(url, None, shown)
     if url.scheme == "udp" and _ip_or_none(host) is None:
         raise ConfigError(f"simple DNS must be an IP address: {url.host}")
     return url.text
@@ -847,26 +896,28 @@ def parse_proxy_url(text: str) -> ProxyURL:
     Path, query and fragment are accepted and ignored (mtg: circuit-breaker parameters of an
     old release). Raises ConfigError.
     """
-    url = _split_url(text)
+    shown = _redact_url(text)
+    url = _split_url(text, shown)
     if url.authority is None or not url.host:
-        raise ConfigError(f"url has to have a scheme and a host: {text}")
+        raise ConfigError(f"url has to have a scheme and a host: {shown}")
     if url.scheme not in ("socks5", "socks5h"):
         raise ConfigError(f"unsupported schema: {url.scheme}")
-    host = _url_host(url, text)
-    port = _url_port(url, 1080, text)
+    host = _url_host(url, shown)
+    port = _url_port(url, 1080, shown)
     assert port is not None
     return ProxyURL(url.scheme, host, port, url.username, url.password)
 
 
 def parse_https_url(text: str) -> str:
     """Parse a doppelganger URL: ``https://`` with a host. Returns it scheme-normalised."""
-    url = _split_url(text)
+    shown = _redact_url(text)
+    url = _split_url(text, shown)
     if url.authority is None or not url.host:
-        raise ConfigError(f"url has to have a scheme and a host: {text}")
+        raise ConfigError(f"url has to have a scheme and a host: {shown}")
     if url.scheme != "https":
         raise ConfigError(f"unsupported schema: {url.scheme}")
-    _url_host(url, text)
-    _url_port(url, None, text)
+    _url_host(url, shown)
+    _url_port(url, None, shown)
     return url.text
 
 
@@ -889,16 +940,17 @@ def parse_list_url(text: str, base_dir: str | None = None) -> str:
         if not os.access(path, os.R_OK):
             raise ConfigError(f"value is a path to a file that is not readable: {path}")
         return os.path.abspath(path)
-    url = _split_url(text)
+    shown = _redact_url(text)
+    url = _split_url(text, shown)
     if url.scheme not in ("http", "https"):
         raise ConfigError(
-            f"neither an existing file nor an http(s) URL: {text}"
+            f"neither an existing file nor an http(s) URL: {shown}"
             + (f" (unknown schema {url.scheme})" if url.scheme else "")
         )
     if url.authority is None or not url.host:
-        raise ConfigError(f"incorrect url {text}: no host")
-    _url_host(url, text)
-    _url_port(url, None, text)
+        raise ConfigError(f"incorrect url {shown}: no host")
+    _url_host(url, shown)
+    _url_port(url, None, shown)
     return url.text
 
 
@@ -910,7 +962,7 @@ def parse_dc_number(text: str) -> int:
 
     ``"2"`` -> 2, ``"-2"`` -> -2 (media), ``"10002"`` -> 10002 (test DC). Raises ConfigError.
     """
-    if not _DC_RE.fullmatch(text) or not -32768 <= int(text) <= 32767:
+    if len(text) > 6 or not _DC_RE.fullmatch(text) or not -32768 <= int(text) <= 32767:
         raise ConfigError(
             "incorrect dc number: expected a non-zero integer like 2, -2 or 10002 "
             "(within -32768..32767)"
@@ -1039,7 +1091,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         with open(path, "rb") as stream:
             data = tomllib.load(stream)
     except OSError as exc:
-        raise ConfigError(f"cannot read config {os.fspath(path)}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config {os.fspath(path)}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot parse toml config {os.fspath(path)}: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -1064,7 +1116,8 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
     try:
         secret = Secret.parse(raw_secret)
     except SecretError as exc:
-        raise root.fail("secret", str(exc)) from None
+        # Error texts may quote their input; the secret is the proxy's password.
+        raise root.fail("secret", str(exc).replace(raw_secret, REDACTED)) from None
     if not secret.is_valid():
         # mtg prints the secret here; we never do (it is the proxy's password).
         raise root.fail("secret", "invalid secret: the key is all zeros or the host is empty")

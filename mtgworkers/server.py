@@ -218,6 +218,27 @@ class Worker:
         self._last_flush = self.loop.time()
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
+    def stop_accepting(self) -> None:
+        """Stop accepting new connections; running sessions go on.
+
+        Closing a listening socket that was handed to us only closes our descriptor:
+        when the supervisor keeps its own copy, the accept queue survives for the
+        replacement worker.
+        """
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, let sessions end by themselves for up to ``timeout`` seconds,
+        then cut the rest. Returns how many sessions had to be cut."""
+        self.stop_accepting()
+        deadline = self.loop.time() + timeout
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - self.loop.time())))
+        remaining = len(self.sessions)
+        await self.stop()
+        return remaining
+
     async def stop(self) -> None:
         """Stop accepting and cut every session (mtg's shutdown)."""
         for server in self._servers:

@@ -352,12 +352,10 @@ class ClientSession(asyncio.Protocol):
             return
         self._attach_upstream(upstream)
         self.upstream_ip = _normalise_ip(peer[0])
+        reader = self.reader
+        assert reader is not None
         client_side = ClientSide(
-            self,
-            upstream,
-            self.reader,
-            handshake.decryptor.update,
-            dc_encryptor.update,  # type: ignore[arg-type]
+            self, upstream, reader, handshake.decryptor.update, dc_encryptor.update
         )
         upstream.write(frame)
         if pending:

@@ -19,7 +19,7 @@ Fixtures (all loopback-only):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pytest
 import trustme
 
 from tests.support.client import FakeTLSClient
-from tests.support.env import KitSecret, ProxyPool, SharedEnv
+from tests.support.env import ClientFactory, KitSecret, ProxyPool, SharedEnv
 from tests.support.fakedc import FakeDC
 from tests.support.proxy import ProxyProcess
 from tests.support.website import HOSTNAME, Website
@@ -71,9 +71,6 @@ def proxy_factory(
 @pytest.fixture
 def proxy(proxy_factory: ProxyPool) -> ProxyProcess:
     return proxy_factory()
-
-
-ClientFactory = Callable[..., FakeTLSClient]
 
 
 @pytest.fixture

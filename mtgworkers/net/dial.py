@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import socket
 from collections.abc import Awaitable
@@ -66,8 +67,10 @@ def _reason(exc: BaseException, timeout: float | None = None) -> str:
     """Short text for why one attempt failed."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and not exc.args:
         return f"timeout after {timeout:g}s" if timeout is not None else "timeout"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[:1].lower() + exc.strerror[1:]
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        # The loops word strerror differently ("Connect call failed (...)"); errno is clear.
+        text = os.strerror(exc.errno) if exc.errno else str(exc.strerror)
+        return text[:1].lower() + text[1:]
     return str(exc) or type(exc).__name__
 
 

@@ -331,7 +331,11 @@ class _TlsServerResolver(_MessageResolver):
         return ssl.create_default_context()
 
     async def _server_addresses(self) -> list[str]:
-        return await self._bootstrap.resolve(self.host)
+        try:
+            return await self._bootstrap.resolve(self.host)
+        except ResolveError as exc:
+            # Reported under the name the caller asked for, so say whose name failed.
+            raise _QueryError(f"DNS server address: {exc}") from None
 
 
 class TlsResolver(_TlsServerResolver):

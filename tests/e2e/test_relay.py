@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -20,9 +21,9 @@ from tests.support.wire import PATTERN, TAGS
 pytestmark = pytest.mark.e2e
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)

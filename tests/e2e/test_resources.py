@@ -24,7 +24,7 @@ from tests.support.wire import PATTERN
 
 pytestmark = pytest.mark.e2e
 
-BULK = 64 * 1024 * 1024
+BULK = 64 * 1024 * 1024  # a multiple of READ_CHUNK
 MAX_RSS_GROWTH = 32 * 1024 * 1024
 # Slow reader: 64 KiB per 5 ms at most (~13 MB/s), so a 64 MiB transfer takes >= 5 s.
 READ_CHUNK = 65536
@@ -45,18 +45,21 @@ def test_bulk_upload_to_slow_dc_keeps_memory_bounded(
     _warm_up(proxy, test_secret)
     first = len(fake_dc.connections)
     settings = {"mode": "sink", "sink_delay": READ_PAUSE, "read_size": READ_CHUNK}
-    with fake_dc.configured(**settings), RssSampler(proxy) as rss:
-        with FakeTLSClient(*proxy.address, test_secret.key, test_secret.host) as client:
-            client.sock.settimeout(30)
-            client.handshake(dc=2)
-            step = 1024 * 1024
-            for offset in range(0, BULK, step):
-                client.send(PATTERN.chunk(offset, step))
-            conn = fake_dc.wait_for_connection(first)
-            deadline = time.monotonic() + 30
-            while conn.bytes_in < BULK:
-                assert time.monotonic() < deadline, f"DC got {conn.bytes_in} of {BULK} bytes"
-                time.sleep(0.05)
+    with (
+        fake_dc.configured(**settings),
+        RssSampler(proxy) as rss,
+        FakeTLSClient(*proxy.address, test_secret.key, test_secret.host) as client,
+    ):
+        client.sock.settimeout(30)
+        client.handshake(dc=2)
+        step = 1024 * 1024
+        for offset in range(0, BULK, step):
+            client.send(PATTERN.chunk(offset, step))
+        conn = fake_dc.wait_for_connection(first)
+        deadline = time.monotonic() + 30
+        while conn.bytes_in < BULK:
+            assert time.monotonic() < deadline, f"DC got {conn.bytes_in} of {BULK} bytes"
+            time.sleep(0.05)
     assert conn.bytes_in == BULK
     assert conn.mismatch_at is None, f"wrong byte at offset {conn.mismatch_at}"
     assert rss.growth < MAX_RSS_GROWTH, (
@@ -79,8 +82,7 @@ def test_bulk_download_to_slow_client_keeps_memory_bounded(
         client.handshake(dc=2)
         received = 0
         while received < BULK:
-            chunk = client.recv_some(READ_CHUNK)
-            assert chunk, f"EOF after {received} of {BULK} bytes"
+            chunk = client.recv_exactly(READ_CHUNK)
             bad = PATTERN.mismatch(received, chunk)
             assert bad is None, f"wrong byte at offset {bad}"
             received += len(chunk)

@@ -153,7 +153,9 @@ def build_client_hello(
 
     mac = hmac.new(secret_key, bytes(record), sha256).digest()
     mask = bytes(28) + (timestamp & 0xFFFFFFFF).to_bytes(4, "little")
-    record[RANDOM_OFFSET : RANDOM_OFFSET + 32] = bytes(a ^ b for a, b in zip(mac, mask))
+    record[RANDOM_OFFSET : RANDOM_OFFSET + 32] = bytes(
+        a ^ b for a, b in zip(mac, mask, strict=True)
+    )
     return bytes(record)
 
 
@@ -162,7 +164,7 @@ def hello_timestamp(record: bytes, secret_key: bytes) -> int | None:
     zeroed = bytearray(record)
     zeroed[RANDOM_OFFSET : RANDOM_OFFSET + 32] = bytes(32)
     mac = hmac.new(secret_key, bytes(zeroed), sha256).digest()
-    x = bytes(a ^ b for a, b in zip(mac, record[RANDOM_OFFSET : RANDOM_OFFSET + 32]))
+    x = bytes(a ^ b for a, b in zip(mac, record[RANDOM_OFFSET : RANDOM_OFFSET + 32], strict=True))
     if x[:28] != bytes(28):
         return None
     return int.from_bytes(x[28:32], "little")

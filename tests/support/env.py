@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,8 @@ from tests.support.client import FakeTLSClient
 from tests.support.fakedc import FakeDC
 from tests.support.proxy import ProxyProcess, free_port, make_config
 from tests.support.website import Website
+
+ClientFactory = Callable[..., FakeTLSClient]  # the ``client_factory`` fixture
 
 
 @dataclass(frozen=True)

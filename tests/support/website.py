@@ -268,6 +268,79 @@ def _read_http_response(read: Any) -> tuple[bytes, bytes]:
     return lines[0], body
 
 
+class HttpsClient:
+    """An HTTPS/1.1 client over ssl.MemoryBIO that records every raw byte it sends.
+
+    Connects to host:port, verifies the certificate with ``ca`` for ``server_hostname``
+    (ssl.SSLCertVerificationError otherwise) and keeps the connection for several GETs.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ca: trustme.CA,
+        server_hostname: str = HOSTNAME,
+        *,
+        timeout: float = 5.0,
+    ) -> None:
+        self.server_hostname = server_hostname
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(ca).wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        self.sent = bytearray()
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    self._pump()
+            self._flush()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.sent += data
+            self.sock.sendall(data)
+
+    def _pump(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        self._in.write(data)
+
+    def _read(self) -> bytes:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._pump()
+
+    def get(self, path: str = "/") -> tuple[bytes, bytes]:
+        """Send one GET and return (status line, body)."""
+        self.tls.write(f"GET {path} HTTP/1.1\r\nHost: {self.server_hostname}\r\n\r\n".encode())
+        self._flush()
+        result = _read_http_response(self._read)
+        self._flush()
+        return result
+
+    def close(self) -> None:
+        """Close the socket without a TLS close_notify (so ``sent`` stays final)."""
+        self.sock.close()
+
+    def __enter__(self) -> HttpsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def https_get(
     host: str,
     port: int,
@@ -279,50 +352,12 @@ def https_get(
 ) -> HttpsResult:
     """GET https://server_hostname/path via host:port, verifying the certificate with ``ca``.
 
-    Uses an SSLObject over MemoryBIOs so every byte sent is recorded in the result.
-    Raises ssl.SSLError (e.g. certificate verification failure) or ConnectionError.
+    Every byte sent is recorded in the result. Raises ssl.SSLError (e.g. certificate
+    verification failure) or ConnectionError.
     """
-    ctx = client_context(ca)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    sent = bytearray()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-
-        def flush() -> None:
-            data = outgoing.read()
-            if data:
-                sent.extend(data)
-                sock.sendall(data)
-
-        def pump() -> None:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed during TLS")
-            incoming.write(data)
-
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                flush()
-                pump()
-        flush()
-        request = f"GET {path} HTTP/1.1\r\nHost: {server_hostname}\r\n\r\n".encode()
-        tls.write(request)
-        flush()
-
-        def read() -> bytes:
-            while True:
-                try:
-                    return tls.read(65536)
-                except ssl.SSLWantReadError:
-                    flush()
-                    pump()
-
-        status, body = _read_http_response(read)
-        flush()
-        return HttpsResult(status, body, bytes(sent), tls.getpeercert())
+    with HttpsClient(host, port, ca, server_hostname, timeout=timeout) as client:
+        status, body = client.get(path)
+        return HttpsResult(status, body, bytes(client.sent), client.tls.getpeercert())
 
 
 def https_get_wrapped(

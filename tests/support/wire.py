@@ -194,7 +194,7 @@ class Pattern:
         expected = self.chunk(offset, len(data))
         if expected == data:
             return None
-        for i, (a, b) in enumerate(zip(expected, bytes(data))):
+        for i, (a, b) in enumerate(zip(expected, bytes(data), strict=False)):
             if a != b:
                 return offset + i
         return offset + min(len(expected), len(data))

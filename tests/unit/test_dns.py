@@ -132,10 +132,12 @@ class Zone:
         return response.to_wire()
 
 
-def _rrset(name: dns.name.Name, ttl: int, rdtype: int, value: str) -> dns.rrset.RRset:
+def _rrset(
+    name: dns.name.Name, ttl: int, rdtype: dns.rdatatype.RdataType, value: str
+) -> dns.rrset.RRset:
     if rdtype == dns.rdatatype.AAAA:
         value = "2001:db8::dead"
-    return dns.rrset.from_text(name, ttl, "IN", rdtype, value)
+    return dns.rrset.from_text(name, ttl, "IN", dns.rdatatype.to_text(rdtype), value)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -446,14 +448,14 @@ def test_lost_datagram_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(zone.queries) == 3  # A, AAAA, and the one sent again
 
 
-def test_server_unreachable_is_an_error() -> None:
-    # A bound UDP socket that is closed again: its port refuses (ICMP) on loopback.
+def test_server_not_listening_is_an_error() -> None:
+    # Nobody listens on this port: ICMP "port unreachable" (asyncio) or a timeout (uvloop).
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     with pytest.raises(ResolveError, match=r"^cannot resolve both\.test: "):
-        run(UdpResolver("127.0.0.1", port, timeout=1).resolve("both.test"))
+        run(UdpResolver("127.0.0.1", port, timeout=0.5).resolve("both.test"))
 
 
 # --- cache ----------------------------------------------------------------------------
@@ -875,9 +877,27 @@ def test_fuzz_dns_answers_unit() -> None:
     query = dns.message.make_query("both.test", "A")
     for rcode in range(0, 12):
         response = dns.message.make_response(query)
-        response.set_rcode(rcode)
+        response.set_rcode(dns.rcode.Rcode(rcode))
         found, _, reason = mdns._MessageResolver._read_answer(response)
         assert found == []
         assert (reason is None) == (rcode == 0)
     bare = dns.message.Message()
     assert mdns._MessageResolver._read_answer(bare)[2] == "answer is not a query response"
+
+
+def test_dns_server_name_that_does_not_resolve() -> None:
+    class NoBootstrap(TlsResolver):
+        async def _server_addresses(self) -> list[str]:
+            self._bootstrap = _FailingSystem()
+            return await super()._server_addresses()
+
+    class _FailingSystem(SystemResolver):
+        async def _getaddrinfo(self, host: str) -> Sequence[tuple[Any, ...]]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(ResolveError) as info:
+        run(NoBootstrap("dns.example").resolve("both.test"))
+    assert str(info.value) == (
+        "cannot resolve both.test: DNS server address: "
+        "cannot resolve dns.example: Name or service not known"
+    )

@@ -16,10 +16,12 @@ import socket
 import ssl
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from tests.support.client import (
     DEFAULT_CIPHERS,
@@ -65,7 +67,17 @@ def b64(text: str) -> bytes:
 
 
 # -- an independent reading of a ClientHello (protocol.md §3.2) -------------------------
-def parse_hello(record: bytes) -> dict[str, object]:
+@dataclass
+class ParsedHello:
+    random: bytes
+    session_id: bytes
+    suites: list[int]
+    cipher: int
+    extensions: dict[int, bytes]
+    sni: list[str]
+
+
+def parse_hello(record: bytes) -> ParsedHello:
     """Minimal ClientHello parser written in the test, per protocol.md §3.1-3.2."""
     assert record[0:3] == b"\x16\x03\x01"
     assert int.from_bytes(record[3:5], "big") == len(record) - 5
@@ -86,12 +98,10 @@ def parse_hello(record: bytes) -> dict[str, object]:
     pos += 2
     assert pos + ext_len == len(body)
     exts: dict[int, bytes] = {}
-    order = []
     while pos < len(body):
         t = int.from_bytes(body[pos : pos + 2], "big")
         ln = int.from_bytes(body[pos + 2 : pos + 4], "big")
         exts.setdefault(t, body[pos + 4 : pos + 4 + ln])
-        order.append(t)
         pos += 4 + ln
     names = []
     if 0 in exts:
@@ -103,22 +113,14 @@ def parse_hello(record: bytes) -> dict[str, object]:
             names.append(sni[p + 2 : p + 2 + ln].decode())
             p += 2 + ln + 1
     chosen = next(s for s in suites if (s & 0x0F0F) != 0x0A0A)
-    return {
-        "random": random_,
-        "session_id": sid,
-        "suites": suites,
-        "cipher": chosen,
-        "extensions": exts,
-        "order": order,
-        "sni": names,
-    }
+    return ParsedHello(random_, sid, suites, chosen, exts, names)
 
 
 def independent_timestamp(record: bytes, key: bytes) -> int | None:
     """protocol.md §3.3, restated here without using the kit's helper."""
     canon = record[:11] + b"\x00" * 32 + record[43:]
     mac = hmac.new(key, canon, hashlib.sha256).digest()
-    x = bytes(a ^ b for a, b in zip(mac, record[11:43]))
+    x = bytes(a ^ b for a, b in zip(mac, record[11:43], strict=True))
     return int.from_bytes(x[28:], "little") if x[:28] == b"\x00" * 28 else None
 
 
@@ -133,9 +135,9 @@ def test_hello_digest_check_agrees_with_mtg_vectors(path: Path) -> None:
     assert independent_timestamp(full, VECTOR_KEY) == expected
     if expected is not None:
         parsed = parse_hello(full)
-        assert parsed["cipher"] == vector["cipherSuite"]
-        assert parsed["session_id"] == base64.b64decode(vector["sessionId"])
-        assert parsed["sni"] == [VECTOR_HOST]
+        assert parsed.cipher == vector["cipherSuite"]
+        assert parsed.session_id == base64.b64decode(vector["sessionId"])
+        assert parsed.sni == [VECTOR_HOST]
 
 
 @needs_vectors
@@ -156,12 +158,11 @@ def test_built_hello_digest_and_fields() -> None:
     assert independent_timestamp(record, key) == now
     assert independent_timestamp(record, os.urandom(16)) is None
     parsed = parse_hello(record)
-    assert parsed["session_id"] == sid
-    assert parsed["sni"] == [HOSTNAME]
-    assert parsed["cipher"] == 0x1301
-    assert {0x1301, 0x1302, 0x1303} <= set(parsed["suites"])  # type: ignore[arg-type]
-    exts = parsed["extensions"]
-    assert isinstance(exts, dict)
+    assert parsed.session_id == sid
+    assert parsed.sni == [HOSTNAME]
+    assert parsed.cipher == 0x1301
+    assert {0x1301, 0x1302, 0x1303} <= set(parsed.suites)
+    exts = parsed.extensions
     for required in (0x0000, 0x000A, 0x000D, 0x0010, 0x0015, 0x002B, 0x0033):
         assert required in exts, hex(required)
     assert exts[0x0033][2:6] == b"\x00\x1d\x00\x20"
@@ -171,10 +172,10 @@ def test_built_hello_digest_and_fields() -> None:
 def test_built_hello_options() -> None:
     key = os.urandom(16)
     greasy = parse_hello(build_client_hello(key, HOSTNAME, grease=True))
-    assert greasy["suites"][0] == 0x5A5A  # type: ignore[index]
-    assert greasy["cipher"] == 0x1301
-    assert parse_hello(build_client_hello(key, None))["sni"] == []
-    assert parse_hello(build_client_hello(key, ["a.test", HOSTNAME]))["sni"] == [
+    assert greasy.suites[0] == 0x5A5A
+    assert greasy.cipher == 0x1301
+    assert parse_hello(build_client_hello(key, None)).sni == []
+    assert parse_hello(build_client_hello(key, ["a.test", HOSTNAME])).sni == [
         "a.test",
         HOSTNAME,
     ]
@@ -276,7 +277,9 @@ def test_client_frame_carries_tag_and_signed_dc() -> None:
 
 
 # -- fake DC --------------------------------------------------------------------------------
-def dc_session(port: int, dc: int, tag: bytes) -> tuple[socket.socket, object, object]:
+def dc_session(
+    port: int, dc: int, tag: bytes
+) -> tuple[socket.socket, CipherContext, CipherContext]:
     wire, enc, dec = obfs2_dc_frame(dc, tag)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(wire)
@@ -291,8 +294,8 @@ def test_fake_dc_echo_decodes_frames() -> None:
             sock, enc, dec = dc_session(dc.port, num, tag)
             with sock:
                 payload = os.urandom(100_000)
-                sock.sendall(enc.update(payload))  # type: ignore[attr-defined]
-                echoed = dec.update(recv_exactly(sock, len(payload)))  # type: ignore[attr-defined]
+                sock.sendall(enc.update(payload))
+                echoed = dec.update(recv_exactly(sock, len(payload)))
                 assert echoed == payload
             conn = dc.wait_for_connection(i)
             assert (conn.dc, conn.tag) == (num, tag)
@@ -324,12 +327,12 @@ def test_fake_dc_sink_verifies_the_pattern() -> None:
     with FakeDC("sink") as dc:
         sock, enc, _ = dc_session(dc.port, 3, TAG_PADDED)
         with sock:
-            sock.sendall(enc.update(pattern.chunk(0, 300_000)))  # type: ignore[attr-defined]
+            sock.sendall(enc.update(pattern.chunk(0, 300_000)))
         sock, enc, _ = dc_session(dc.port, 3, TAG_PADDED)
         with sock:
             bad = bytearray(pattern.chunk(0, 200_000))
             bad[150_001] ^= 0xFF
-            sock.sendall(enc.update(bytes(bad)))  # type: ignore[attr-defined]
+            sock.sendall(enc.update(bytes(bad)))
         good, broken = dc.wait_for_connection(0), dc.wait_for_connection(1)
         assert good.closed.wait(5) and broken.closed.wait(5)
         assert (good.bytes_in, good.mismatch_at) == (300_000, None)
@@ -340,7 +343,7 @@ def test_fake_dc_source_sends_the_pattern() -> None:
     with FakeDC("source", source_size=1_000_003) as dc:
         sock, _, dec = dc_session(dc.port, 5, TAG_PADDED)
         with sock:
-            data = dec.update(recv_exactly(sock, 1_000_003))  # type: ignore[attr-defined]
+            data = dec.update(recv_exactly(sock, 1_000_003))
             assert Pattern().mismatch(0, data) is None
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(10) == b""
