@@ -195,6 +195,12 @@ def soak(connections: int, concurrency: int, processes: int) -> dict[str, Any]:
         workdir = Path(tempfile.mkdtemp(prefix="mtgw-soak-"))
         proxy = ProxyProcess(config, workdir).start()
         try:
+            # Warm up first: the event loop opens a few descriptors lazily (resolver
+            # threads, signal pipe) that are not per-session.
+            warm = ctx.Queue()
+            _run_clients(bind_port, key, host, 0, 50, 10, warm)
+            if warm.get(timeout=60)[1]:
+                raise RuntimeError("warm-up sessions failed")
             fds_before = proxy.fd_count()
             started = time.monotonic()
             queue = ctx.Queue()

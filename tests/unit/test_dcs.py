@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from types import MappingProxyType
 
 import pytest
@@ -179,3 +180,81 @@ def test_returns_fresh_lists() -> None:
     first = table.addresses(2, "prefer-ipv6")
     first.append(("x", 1))
     assert table.addresses(2, "prefer-ipv6") == [("127.0.0.1", 1)]
+
+
+# --- auto-updated addresses (auto-update, §5.4) ------------------------------------------------
+
+AUTO_V4 = (("149.154.175.211", 8888), ("91.108.56.200", 8888), ("91.108.56.201", 8888))
+AUTO_V6 = (("2001:b28:f23d:f003::d", 8888),)
+
+
+def test_auto_addresses_follow_the_builtins_of_their_family() -> None:
+    table = DCTable()
+    table.set_auto_addresses(203, socket.AF_INET, AUTO_V4)
+    table.set_auto_addresses(203, socket.AF_INET6, AUTO_V6)
+    for _ in range(20):
+        result = table.addresses(203, "prefer-ipv6")
+        assert result[0] == ("2a0a:f280:203:a:5000::100", 443)
+        assert result[1] == AUTO_V6[0]
+        assert result[2] == ("91.105.192.100", 443)
+        assert set(result[3:]) == set(AUTO_V4)
+        assert len(result) == 6
+    result = table.addresses(203, "prefer-ipv4")
+    assert result[0] == ("91.105.192.100", 443)
+    assert set(result[1:4]) == set(AUTO_V4)
+    assert result[4:] == [("2a0a:f280:203:a:5000::100", 443), AUTO_V6[0]]
+    assert table.addresses(203, "only-ipv6") == [("2a0a:f280:203:a:5000::100", 443), AUTO_V6[0]]
+    only4 = table.addresses(203, "only-ipv4")
+    assert only4[0] == ("91.105.192.100", 443) and set(only4[1:]) == set(AUTO_V4)
+
+
+def test_auto_addresses_are_shuffled_with_the_rng() -> None:
+    table = DCTable()
+    table.set_auto_addresses(203, socket.AF_INET, AUTO_V4)
+    orders = {tuple(table.addresses(203, "only-ipv4", random.Random(seed))) for seed in range(60)}
+    assert len(orders) == 6  # every permutation of the three auto addresses, builtin first
+    assert all(order[0] == ("91.105.192.100", 443) for order in orders)
+    same = {tuple(table.addresses(203, "only-ipv4", random.Random(7))) for _ in range(5)}
+    assert len(same) == 1
+
+
+def test_auto_addresses_replace_and_clear() -> None:
+    table = DCTable()
+    table.set_auto_addresses(203, socket.AF_INET, AUTO_V4)
+    table.set_auto_addresses(203, socket.AF_INET, [("10.0.0.1", 8888)])
+    assert table.addresses(203, "only-ipv4") == [("91.105.192.100", 443), ("10.0.0.1", 8888)]
+    assert table.auto.get(socket.AF_INET, 203) == (("10.0.0.1", 8888),)
+    table.set_auto_addresses(203, socket.AF_INET, [])
+    assert table.addresses(203, "only-ipv4") == [("91.105.192.100", 443)]
+    assert table.auto.get(socket.AF_INET, 203) == ()
+    # the other family was never touched
+    assert table.auto.get(socket.AF_INET6, 203) == ()
+
+
+def test_auto_address_equal_to_a_builtin_is_not_repeated() -> None:
+    table = DCTable()
+    table.set_auto_addresses(203, socket.AF_INET, [("91.105.192.100", 443), ("10.0.0.2", 8888)])
+    assert table.addresses(203, "only-ipv4") == [("91.105.192.100", 443), ("10.0.0.2", 8888)]
+
+
+def test_auto_addresses_make_a_dc_known() -> None:
+    table = DCTable()
+    assert not table.known(7, "prefer-ipv6")
+    table.set_auto_addresses(7, socket.AF_INET6, [("2001:db8::7", 8888)])
+    assert table.known(7, "prefer-ipv6")
+    assert table.known(7, "only-ipv6")
+    assert not table.known(7, "only-ipv4")
+    assert table.addresses(7, "prefer-ipv4") == [("2001:db8::7", 8888)]
+
+
+def test_auto_addresses_do_not_touch_overridden_dcs_or_other_tables() -> None:
+    table = DCTable(overrides={203: (("127.0.0.1", 5000),)})
+    table.set_auto_addresses(203, socket.AF_INET, AUTO_V4)
+    assert table.addresses(203, "prefer-ipv4") == [("127.0.0.1", 5000)]
+    assert DCTable().addresses(203, "only-ipv4") == [("91.105.192.100", 443)]
+    assert DCTable() == DCTable()  # the mutable part is not compared
+
+
+def test_auto_addresses_reject_unknown_families() -> None:
+    with pytest.raises(ValueError, match="family"):
+        DCTable().set_auto_addresses(203, socket.AF_UNIX, AUTO_V4)

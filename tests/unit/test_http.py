@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import ssl
 import time
@@ -48,9 +47,10 @@ def run(coro: Awaitable[T], timeout: float = 10.0) -> T:
 
 @contextlib.asynccontextmanager
 async def http_server(
-    respond: Responder, tls: ssl.SSLContext | None = None
+    respond: Responder, tls: ssl.SSLContext | None = None, *, hold: bool = False
 ) -> AsyncIterator[tuple[str, list[bytes]]]:
-    """A server reading one request head per connection and writing ``respond(head)``."""
+    """A server reading one request head per connection and writing ``respond(head)``;
+    with ``hold`` it then keeps the connection open until the client closes it."""
     heads: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -63,6 +63,8 @@ async def http_server(
             else:
                 writer.write(answer)
                 await writer.drain()
+                if hold:
+                    await reader.read()
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
@@ -259,8 +261,8 @@ def test_timeout_covers_a_slow_body() -> None:
         async def respond(head: bytes) -> bytes | None:
             return b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"
 
-        async with http_server(respond) as (url, _):
-            with pytest.raises(HTTPError, match="timeout after 0.3s"):
+        async with http_server(respond, hold=True) as (url, _):
+            with pytest.raises(HTTPError, match=r"timeout after 0\.3s$"):
                 await http_get(url, timeout=0.3)
 
     started = time.monotonic()
@@ -376,13 +378,26 @@ def test_https(trustme_ca: trustme.CA) -> None:
 
 
 def test_plain_http_to_a_tls_server_and_tls_to_a_plain_server(trustme_ca: trustme.CA) -> None:
-    server_context, client_context = tls_contexts(trustme_ca)
+    server_context, _ = tls_contexts(trustme_ca)
+
+    async def blurt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
 
     async def main() -> None:
-        async with http_server(fixed(ok(b"x"))) as (url, _):
-            tls_url = url.replace("http://", "https://")
-            with pytest.raises(HTTPError, match="TLS"):
-                await http_get(tls_url, timeout=3.0, ssl_context=client_context)
+        server = await asyncio.start_server(blurt, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(HTTPError, match="TLS handshake failed"):
+                await http_get(f"https://127.0.0.1:{port}/", timeout=3.0)
+        finally:
+            server.close()
+        async with http_server(fixed(ok(b"x")), tls=server_context) as (url, heads):
+            plain_url = url.replace("https://", "http://")
+            with pytest.raises(HTTPError, match="connection closed without an answer"):
+                await http_get(plain_url, timeout=3.0)
+            assert heads == []
 
     run(main())
 
