@@ -45,8 +45,8 @@ def test_round_trip_both_ways(shared_env: SharedEnv, tag: str, dc: int) -> None:
     # and names the DC it dialled, which is abs(dc) (mtg drops the media sign).
     assert conn.tag == TAGS[tag]
     assert conn.dc == abs(dc)
-    assert conn.bytes_in == conn.bytes_out == 1 + 1000 + 16379 + 70_001
     assert conn.closed.wait(5), "DC connection not closed after the client left"
+    assert conn.bytes_in == conn.bytes_out == 1 + 1000 + 16379 + 70_001
     env.proxy.assert_alive()
 
 

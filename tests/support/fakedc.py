@@ -256,10 +256,12 @@ class FakeDC:
     ) -> None:
         while data := await reader.read(self.read_size):
             plain = dec.update(data)
-            self._update(conn, bytes_in=conn.bytes_in + len(plain))
+            # Counted before the write, so a client that got the echo sees final counters.
+            self._update(
+                conn, bytes_in=conn.bytes_in + len(plain), bytes_out=conn.bytes_out + len(plain)
+            )
             writer.write(enc.update(plain))
             await writer.drain()
-            self._update(conn, bytes_out=conn.bytes_out + len(plain))
 
     async def _sink(
         self, conn: DCConnection, reader: asyncio.StreamReader, dec: CipherContext
@@ -286,10 +288,10 @@ class FakeDC:
         offset = 0
         while offset < self.source_size:
             n = min(chunk, self.source_size - offset)
-            writer.write(enc.update(PATTERN.chunk(offset, n)))
-            await writer.drain()
             offset += n
             self._update(conn, bytes_out=offset)
+            writer.write(enc.update(PATTERN.chunk(offset - n, n)))
+            await writer.drain()
         if self.close_after_source:
             return
         while data := await reader.read(self.read_size):

@@ -48,7 +48,7 @@ def aes_ctr(key: bytes, iv: bytes) -> CipherContext:
     return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
 
 
-def is_forbidden_frame(frame: bytes) -> bool:
+def is_forbidden_frame(frame: bytes | bytearray) -> bool:
     """True if a plaintext obfuscated2 frame must be regenerated (protocol.md §4.2 step 1)."""
     if frame[0] == 0xEF:
         return True
