@@ -294,17 +294,16 @@ async def _connect(
         sock = await open_socket(host, port)
     except OSError as exc:
         raise _Failure(str(exc) or type(exc).__name__) from None
+    # From here the event loop owns the socket and closes it when the connection fails:
+    # closing it here as well could close a reused descriptor under uvloop.
     try:
         return await asyncio.open_connection(
             sock=sock, ssl=context, server_hostname=server_hostname, limit=_MAX_LINE
         )
-    except BaseException as exc:
-        sock.close()
-        if isinstance(exc, ssl.SSLError):
-            raise _Failure(f"TLS handshake failed: {_tls_reason(exc)}") from None
-        if isinstance(exc, OSError):
-            raise _Failure(_os_reason(exc)) from None
-        raise
+    except ssl.SSLError as exc:
+        raise _Failure(f"TLS handshake failed: {_tls_reason(exc)}") from None
+    except OSError as exc:
+        raise _Failure(_os_reason(exc)) from None
 
 
 def _tls_reason(exc: ssl.SSLError) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import time
@@ -488,6 +489,33 @@ def test_through_socks5_via_the_dialer(trustme_ca: trustme.CA) -> None:
                 assert len(socks.targets) == 3
 
     run(main())
+
+
+def test_no_descriptor_leaks_on_failures_through_open_socket(trustme_ca: trustme.CA) -> None:
+    server_context, client_context = tls_contexts(trustme_ca)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        async with socks_dialer() as (dialer, _):
+            async with http_server(fixed(ok(b"x")), tls=server_context) as (url, _):
+                for _ in range(5):
+                    with pytest.raises(HTTPError, match="certificate verify failed"):
+                        await http_get(url, timeout=3.0, open_socket=dialer.open_socket)
+                    response = await http_get(
+                        url, timeout=3.0, open_socket=dialer.open_socket, ssl_context=client_context
+                    )
+                    assert response.body == b"x"
+            async with http_server(fixed(None)) as (url, _):
+                for _ in range(3):
+                    with pytest.raises(HTTPError, match="timeout"):
+                        await http_get(url, timeout=0.05, open_socket=dialer.open_socket)
+
+    run(main())  # warm-up: the loop, TLS and resolver machinery allocate once
+    before = open_fds()
+    run(main())
+    assert open_fds() <= before
 
 
 def test_socks5_failure_is_an_http_error() -> None:

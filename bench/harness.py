@@ -1,0 +1,641 @@
+"""Process management for the benchmark: targets (the proxy, the baseline relay, a compared
+command), the fake DC and load generator pools, feature probes, and the measurement window.
+
+Everything started here runs in its own process group and is killed (whole tree) when the
+:class:`Context` closes, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO_ROOT,
+    ChildChannel,
+    free_port,
+    kill_tree,
+    listening_ports,
+    pin,
+    split_count,
+    taskset_prefix,
+    tree_cpu_seconds,
+    tree_memory,
+    wait_listening,
+)
+
+DC_NUMBERS = (1, 2, 3, 4, 5)
+BENCH_HOST = "bench.test"
+SESSIONS_PER_PROCESS = 15000  # load/DC process capacity (20k open files each here)
+
+
+@dataclass
+class Settings:
+    """Scale of a run (``full`` and ``smoke`` presets, overridable from the CLI)."""
+
+    duration: float = 5.0
+    warmup: float = 1.0
+    repeats: int = 2
+    msg: int = 16384
+    streams_many: int = 64
+    window_one: int = 256 * 1024
+    window_many: int = 64 * 1024
+    hs_slots: int = 64
+    hs_bytes: int = 128
+    rtt_streams: int = 8
+    rtt_msg: int = 128
+    rtt_think: float = 0.001
+    idle_small: int = 1000
+    idle_large: int = 9000
+    max_workers: int = 4
+    max_sessions_cap: int = 38000
+    max_sessions_step: int = 4000
+    max_sessions_time: float = 150.0
+    pool_workers: int = 2
+    reload_every: float = 0.5
+    load_procs: int = 2
+    dc_procs: int = 2
+    setup_timeout: float = 60.0
+    start_timeout: float = 15.0
+    probe_wait: float = 3.0
+    strict_failures: bool = False  # smoke: any failed connection fails the scenario
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(
+            duration=0.4,
+            warmup=0.1,
+            repeats=1,
+            streams_many=8,
+            window_one=64 * 1024,
+            window_many=32 * 1024,
+            hs_slots=8,
+            rtt_streams=2,
+            idle_small=40,
+            idle_large=120,
+            max_workers=2,
+            max_sessions_cap=300,
+            max_sessions_step=150,
+            max_sessions_time=10.0,
+            load_procs=2,
+            dc_procs=1,
+            setup_timeout=10.0,
+            start_timeout=8.0,
+            probe_wait=1.0,
+            strict_failures=True,
+        )
+
+
+class StartError(RuntimeError):
+    """A target did not start (its log tail is in the message)."""
+
+
+# -- running targets --------------------------------------------------------------------------
+class Instance:
+    """A running proxy (or baseline, or compared command) pinned to the proxy CPUs."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        log_path: Path,
+        cpus: Sequence[int] | None,
+        env: dict[str, str] | None,
+        timeout: float,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = log_path
+        self.on_close: list[Callable[[], object]] = []
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [*taskset_prefix(cpus), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=dict(os.environ, **(env or {})),
+            start_new_session=True,
+        )
+        pin(self.proc.pid, cpus)
+        try:
+            wait_listening([port], self.proc, timeout)
+        except RuntimeError as exc:
+            self.close()
+            raise StartError(f"{name}: {exc}\n{self.tail()}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+    def memory(self) -> tuple[int, int, int]:
+        return tree_memory(self.pid)
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def close(self) -> None:
+        for callback in self.on_close:
+            callback()
+        self.on_close = []
+        kill_tree(self.proc)
+        with contextlib.suppress(OSError):
+            self._log.close()
+
+
+class Target:
+    """Something that relays for the load generator: knows how to start itself."""
+
+    key = "target"
+    label = "target"
+    verify_hmac = True
+
+    def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+    def declares(self, feature: str) -> bool | None:
+        """True/False when the target knows without trying; None = probe it."""
+        return None
+
+    def launch(self, ctx: Context, **options: Any) -> Instance:
+        port = free_port()
+        argv, env = self.argv(ctx, port, options)
+        ctx.launch_count += 1
+        log = ctx.tmp / f"{self.key}-{ctx.launch_count}.log"
+        return Instance(
+            self.label, argv, port, log, ctx.proxy_cpus, env, ctx.settings.start_timeout
+        )
+
+
+def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
+    """A bench config for ``mtgworkers run`` (also handed to compared commands)."""
+    lines = [
+        f'secret = "{ctx.secret}"',
+        f'bind-to = "127.0.0.1:{port}"',
+        "concurrency = 65535",
+        'public-ipv4 = "127.0.0.1"',
+        "",
+        "[network.timeout]",
+        'idle = "5m"',
+        "",
+        "[domain-fronting]",
+        'ip = "127.0.0.1"',
+        "port = 9",
+        "",
+        "[dc-overrides]",
+    ]
+    for dc, dc_port in zip(DC_NUMBERS, ctx.dc_ports):
+        lines.append(f'{dc} = ["127.0.0.1:{dc_port}"]')
+    if options.get("workers"):
+        lines += ["", "[supervisor]", f"workers = {int(options['workers'])}"]
+    if options.get("metrics_port"):
+        lines += [
+            "",
+            "[stats.prometheus]",
+            "enabled = true",
+            f'bind-to = "127.0.0.1:{options["metrics_port"]}"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class MtgTarget(Target):
+    key = "proxy"
+    label = "mtgworkers"
+
+    def __init__(self, python: str) -> None:
+        self.python = python
+
+    def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
+        path = ctx.tmp / f"mtgworkers-{port}.toml"
+        path.write_text(mtg_config(ctx, port, options))
+        return [self.python, "-m", "mtgworkers", "run", str(path)], {}
+
+
+class BaselineTarget(Target):
+    key = "baseline"
+    label = "baseline"
+    verify_hmac = False  # its welcome packet is canned (no HMAC: no crypto at all)
+
+    def __init__(self, python: str) -> None:
+        self.python = python
+
+    def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
+        argv = [self.python, str(REPO_ROOT / "bench" / "baseline_relay.py")]
+        argv += ["--listen", f"127.0.0.1:{port}"]
+        for dc_port in ctx.dc_tls_ports:
+            argv += ["--dc", f"127.0.0.1:{dc_port}"]
+        return argv, {}
+
+    def declares(self, feature: str) -> bool | None:
+        return False
+
+
+class CompareTarget(Target):
+    """Any command line; see bench/README.md for the placeholders."""
+
+    key = "compare"
+
+    def __init__(self, template: str, label: str = "compare") -> None:
+        self.template = template
+        self.label = label
+
+    def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
+        path = ctx.tmp / f"compare-{port}.toml"
+        path.write_text(mtg_config(ctx, port, options))
+        values = {
+            "config": str(path),
+            "port": str(port),
+            "dc_port": str(ctx.dc_ports[0]),
+            "dc_ports": ",".join(str(p) for p in ctx.dc_ports),
+            "secret": ctx.secret,
+            "host": BENCH_HOST,
+            "python": sys.executable,
+            "workers": str(options.get("workers") or 1),
+            "metrics_port": str(options.get("metrics_port") or ""),
+        }
+        try:
+            command = self.template.format_map(values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise StartError(
+                f"--compare: bad placeholder {exc}; known: {', '.join(sorted(values))}"
+            ) from None
+        env = {f"BENCH_{k.upper()}": v for k, v in values.items()}
+        return ["/bin/sh", "-c", command], env
+
+    def declares(self, feature: str) -> bool | None:
+        if feature == "workers":
+            return "{workers}" in self.template
+        if feature == "metrics":
+            return "{metrics_port}" in self.template or None
+        return None
+
+
+# -- helper process pools ------------------------------------------------------------------------
+def _ask(channels: Sequence[ChildChannel], message: dict[str, Any], expect: str, timeout: float):
+    """Send ``message`` to every channel and collect one ``expect`` event from each."""
+    for channel in channels:
+        channel.send(message)
+    deadline = time.monotonic() + timeout
+    answers = []
+    for channel in channels:
+        while True:
+            answer = channel.recv(deadline - time.monotonic())
+            if answer.get("event") == expect:
+                answers.append(answer)
+                break
+            if answer.get("event") == "error":
+                raise RuntimeError(f"{channel.describe()}: {answer.get('message')}")
+    return answers
+
+
+class DCPool:
+    """Fake DC processes sharing the DC ports (SO_REUSEPORT)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.procs: list[ChildChannel] = []
+
+    def ensure(self, count: int) -> None:
+        ctx = self.ctx
+        new = []
+        while len(self.procs) < count:
+            argv = [sys.executable, "-m", "bench.fakedc", "--secret", ctx.secret]
+            argv += ["--obfs2-ports", ",".join(str(p) for p in ctx.dc_ports)]
+            argv += ["--tls-ports", ",".join(str(p) for p in ctx.dc_tls_ports)]
+            log = ctx.tmp / f"fakedc-{len(self.procs)}.log"
+            channel = ChildChannel(f"fakedc-{len(self.procs)}", argv, log, ctx.load_cpus)
+            self.procs.append(channel)
+            new.append(channel)
+        for channel in new:
+            answer = channel.recv(20.0)
+            if answer.get("event") != "ready":
+                raise RuntimeError(f"fake DC did not start: {answer}\n{channel.tail()}")
+
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"samples": []}
+        for answer in _ask(self.procs, {"cmd": "stats"}, "stats", 10.0):
+            for key, value in answer.items():
+                if key == "samples":
+                    total["samples"] += value
+                elif isinstance(value, int):
+                    total[key] = total.get(key, 0) + value
+        return total
+
+    def reset(self) -> None:
+        _ask(self.procs, {"cmd": "reset"}, "reset", 10.0)
+
+    def close(self) -> None:
+        for channel in self.procs:
+            with contextlib.suppress(Exception):
+                channel.send({"cmd": "exit"})
+        for channel in self.procs:
+            channel.close()
+        self.procs = []
+
+
+class LoadPool:
+    """Load generator processes (``bench.loadgen``)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.procs: list[ChildChannel] = []
+        self.active: list[ChildChannel] = []
+
+    def ensure(self, count: int) -> None:
+        new = []
+        while len(self.procs) < count:
+            name = f"loadgen-{len(self.procs)}"
+            log = self.ctx.tmp / f"{name}.log"
+            argv = [sys.executable, "-m", "bench.loadgen"]
+            channel = ChildChannel(name, argv, log, self.ctx.load_cpus)
+            self.procs.append(channel)
+            new.append(channel)
+        for channel in new:
+            answer = channel.recv(20.0)
+            if answer.get("event") != "hello":
+                raise RuntimeError(f"load generator did not start: {answer}\n{channel.tail()}")
+
+    def start(self, job: dict[str, Any], total: int, split_key: str, procs: int | None = None):
+        """Start ``job`` with ``total`` streams/slots spread over the pool; wait until ready."""
+        count = min(procs or self.ctx.settings.load_procs, max(total, 1))
+        self.ensure(count)
+        shares = split_count(total, count)
+        self.active = self.procs[:count]
+        for channel, share in zip(self.active, shares):
+            channel.send({"cmd": "start", "job": dict(job, **{split_key: share})})
+        timeout = self.ctx.settings.setup_timeout + 15.0
+        deadline = time.monotonic() + timeout
+        answers = []
+        for channel in self.active:
+            while True:
+                answer = channel.recv(deadline - time.monotonic())
+                if answer.get("event") == "ready":
+                    answers.append(answer)
+                    break
+                if answer.get("event") == "error":
+                    raise RuntimeError(f"{channel.describe()}: {answer.get('message')}")
+        return answers
+
+    def grow(self, total: int, timeout: float) -> list[dict[str, Any]]:
+        shares = split_count(total, len(self.active))
+        for channel, share in zip(self.active, shares):
+            channel.send({"cmd": "grow", "n": share, "timeout": timeout})
+        deadline = time.monotonic() + timeout + 15.0
+        answers = []
+        for channel in self.active:
+            while True:
+                answer = channel.recv(deadline - time.monotonic())
+                if answer.get("event") == "grown":
+                    answers.append(answer)
+                    break
+                if answer.get("event") == "error":
+                    raise RuntimeError(f"{channel.describe()}: {answer.get('message')}")
+        return answers
+
+    def go(self) -> None:
+        for channel in self.active:
+            channel.send({"cmd": "go"})
+        for channel in self.active:
+            while channel.recv(10.0).get("event") != "going":
+                pass
+
+    def stop(self) -> list[dict[str, Any]]:
+        results = _ask(self.active, {"cmd": "stop"}, "result", 30.0)
+        deadline = time.monotonic() + 30.0
+        for channel in self.active:
+            while channel.recv(deadline - time.monotonic()).get("event") != "stopped":
+                pass
+        self.active = []
+        return results
+
+    def close(self) -> None:
+        for channel in self.procs:
+            with contextlib.suppress(Exception):
+                channel.send({"cmd": "exit"})
+        for channel in self.procs:
+            channel.close()
+        self.procs = []
+
+
+# -- measurement window -----------------------------------------------------------------------
+@dataclass
+class Window:
+    """What one measurement window saw, summed over the load processes."""
+
+    elapsed: float = 0.0
+    cpu_pct: float = 0.0
+    rx: int = 0
+    tx: int = 0
+    completed: int = 0
+    established: int = 0
+    failed: int = 0
+    corrupt: int = 0
+    dc_errors: int = 0
+    dc_mismatch: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+
+    @property
+    def per_core_factor(self) -> float:
+        """Divide a rate by this to get it per fully used proxy core."""
+        return max(self.cpu_pct, 1.0) / 100.0
+
+
+def measure(
+    ctx: Context,
+    instance: Instance,
+    job: dict[str, Any],
+    total: int,
+    split_key: str,
+    during: Any = None,
+) -> Window:
+    """Run ``job`` against ``instance``: set up, warm up, then one measured window.
+
+    ``during`` (optional) is called repeatedly inside the window with the instance (used
+    to send SIGHUP). Proxy CPU is sampled over the whole process tree at both window ends.
+    """
+    settings = ctx.settings
+    ctx.dc.reset()
+    job = dict(job, host="127.0.0.1", port=instance.port, secret=ctx.secret)
+    job.setdefault("setup_timeout", settings.setup_timeout)
+    ready = ctx.load.start(job, total, split_key)
+    window = Window()
+    for answer in ready:
+        window.failed += answer.get("failed", 0)
+        window.samples += answer.get("samples", [])
+    try:
+        time.sleep(settings.warmup)
+        cpu0, t0 = instance.cpu_seconds(), time.monotonic()
+        ctx.load.go()
+        end = t0 + settings.duration
+        while time.monotonic() < end:
+            if during is not None:
+                during(instance)
+            time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        cpu1, t1 = instance.cpu_seconds(), time.monotonic()
+    finally:
+        results = ctx.load.stop()
+    window.cpu_pct = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-6)
+    for result in results:
+        window.elapsed = max(window.elapsed, result["elapsed"])
+        for key in ("rx", "tx", "completed", "established", "corrupt"):
+            setattr(window, key, getattr(window, key) + result.get(key, 0))
+        window.failed += result.get("failed", 0)
+        window.latencies_ns += result.get("latencies_ns", [])
+        window.samples += result.get("samples", [])
+    dc = ctx.dc.stats()
+    window.dc_errors = dc.get("errors", 0)
+    window.dc_mismatch = dc.get("dc_mismatch", 0)
+    window.samples += [f"fake DC: {s}" for s in dc.get("samples", [])]
+    if not instance.alive():
+        window.samples.append(f"{instance.name} exited during the measurement")
+        window.failed += 1
+    return window
+
+
+# -- context ------------------------------------------------------------------------------------
+class Context:
+    """Everything a run shares: settings, secret, ports, pools, targets, probes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        targets: list[Target],
+        proxy_cpus: list[int] | None,
+        load_cpus: list[int] | None,
+        keep_tmp: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.targets = targets
+        self.proxy_cpus = proxy_cpus
+        self.load_cpus = load_cpus
+        self.keep_tmp = keep_tmp
+        self.tmp = Path(tempfile.mkdtemp(prefix="mtgw-bench-"))
+        self.secret = "ee" + os.urandom(16).hex() + BENCH_HOST.encode().hex()
+        self.dc_ports = [free_port() for _ in DC_NUMBERS]
+        self.dc_tls_ports = [free_port() for _ in DC_NUMBERS]
+        self.launch_count = 0
+        self.features: dict[tuple[str, str], tuple[bool, str]] = {}
+        self.dc = DCPool(self)
+        self.load = LoadPool(self)
+        self._cached: dict[str, Instance] = {}
+        pin(os.getpid(), load_cpus)
+
+    def start(self) -> None:
+        self.dc.ensure(self.settings.dc_procs)
+        self.load.ensure(self.settings.load_procs)
+
+    def instance(self, target: Target) -> Instance:
+        """A running default instance of ``target``, reused between scenarios."""
+        inst = self._cached.get(target.key)
+        if inst is not None and inst.alive() and inst.port in listening_ports():
+            return inst
+        if inst is not None:
+            inst.close()
+        inst = target.launch(self)
+        self._cached[target.key] = inst
+        return inst
+
+    def drop_instances(self) -> None:
+        for inst in self._cached.values():
+            inst.close()
+        self._cached = {}
+
+    def supports(self, target: Target, feature: str) -> tuple[bool, str]:
+        """(supported, reason) for ``workers``/``metrics``/``sighup``, probed by trying."""
+        key = (target.key, feature)
+        if key not in self.features:
+            declared = target.declares(feature)
+            if declared is False:
+                self.features[key] = (False, f"{target.label} has no {feature} support")
+            else:
+                self.features[key] = probe(self, target, feature)
+        return self.features[key]
+
+    def close(self) -> None:
+        self.drop_instances()
+        self.load.close()
+        self.dc.close()
+        if not self.keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _last_log_line(inst_or_text: str) -> str:
+    lines = [line for line in inst_or_text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def probe(ctx: Context, target: Target, feature: str) -> tuple[bool, str]:
+    """Try a feature on a fresh instance; never raises."""
+    wait = ctx.settings.probe_wait
+    options: dict[str, Any] = {}
+    if feature == "workers":
+        options["workers"] = 2
+    elif feature == "metrics":
+        options["metrics_port"] = free_port()
+    try:
+        inst = target.launch(ctx, **options)
+    except StartError as exc:
+        return False, f"`{target.label}` does not start with {feature} set: " + _last_log_line(
+            str(exc)
+        )
+    try:
+        if feature == "workers":
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if inst.memory()[2] >= 3 or not inst.alive():  # supervisor + 2 workers
+                    break
+                time.sleep(0.05)
+            processes = inst.memory()[2]
+            if processes < 3:
+                return False, f"[supervisor] workers = 2 runs {processes} process(es)"
+            return True, ""
+        if feature == "metrics":
+            port = options["metrics_port"]
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and port not in listening_ports():
+                time.sleep(0.05)
+            if port not in listening_ports():
+                return False, "[stats.prometheus] is accepted but nothing serves metrics"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as resp:
+                    if resp.status != 200:
+                        return False, f"metrics endpoint answers HTTP {resp.status}"
+            except OSError as exc:
+                return False, f"metrics endpoint does not answer: {exc}"
+            return True, ""
+        if feature == "sighup":
+            os.kill(inst.pid, signal.SIGHUP)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and inst.alive():
+                time.sleep(0.05)
+            if not inst.alive():
+                return False, f"SIGHUP ends `{target.label}` (exit code {inst.proc.returncode})"
+            if inst.port not in listening_ports():
+                return False, "the listener is gone after SIGHUP"
+            return True, ""
+        return False, f"unknown feature {feature}"
+    finally:
+        inst.close()

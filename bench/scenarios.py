@@ -1,0 +1,561 @@
+"""The benchmark scenarios. Each one returns a result dict (one JSON line):
+
+``{"scenario", "title", "unit", "status": ok|skipped|failed, "reason", "results": {target:
+{label, value, cpu_pct, per_core, ...}}, "ratio": {target: x}, "problems": [...]}``
+
+``value`` is the figure as measured, ``cpu_pct`` the proxy process tree's CPU use in the
+window (100 = one core), ``per_core`` the figure divided by the cores used (rates only).
+``ratio`` compares each target with the no-crypto baseline of the same run (per core for
+rates, plain for latency and memory). Scenarios that need a feature the target lacks
+(worker pool, metrics, SIGHUP reload) report ``skipped: <reason>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from bench.harness import (
+    DC_NUMBERS,
+    SESSIONS_PER_PROCESS,
+    Context,
+    Instance,
+    StartError,
+    Target,
+    Window,
+    measure,
+)
+from bench.common import free_port
+
+Result = dict[str, Any]
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    unit: str
+    run: Callable[[Context, Scenario], Result]
+    better: str = "higher"  # or "lower"
+
+
+class Skip(Exception):
+    """The scenario cannot run here; the message says why."""
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+def stream_job(ctx: Context, mode: str, streams: int) -> tuple[dict[str, Any], int, str]:
+    s = ctx.settings
+    window = s.window_one if streams == 1 else s.window_many
+    job = {"kind": "stream", "mode": mode, "msg": s.msg, "window": window, "dcs": list(DC_NUMBERS)}
+    return job, streams, "streams"
+
+
+def handshake_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
+    job = {"kind": "handshake", "hs_bytes": ctx.settings.hs_bytes, "dcs": list(DC_NUMBERS)}
+    return job, ctx.settings.hs_slots, "slots"
+
+
+def rtt_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
+    s = ctx.settings
+    job = {"kind": "rtt", "msg": s.rtt_msg, "think": s.rtt_think, "dcs": list(DC_NUMBERS)}
+    return job, s.rtt_streams, "streams"
+
+
+def rate_of(job: dict[str, Any], window: Window) -> float:
+    """The figure of a window: MB/s for streams, handshakes/s, or p99 ms for rtt."""
+    elapsed = max(window.elapsed, 1e-9)
+    if job["kind"] == "handshake":
+        return window.completed / elapsed
+    if job["kind"] == "rtt":
+        return percentile(window.latencies_ns, 99) / 1e6
+    relayed = 2 * window.rx if job.get("mode") == "echo" else window.rx
+    return relayed / elapsed / 1e6
+
+
+def percentile(values: list[int], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return float(ordered[index])
+
+
+# -- checks --------------------------------------------------------------------------------------
+def problems_of(ctx: Context, target: Target, window: Window) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a window. Wrong bytes are always errors; failed connections
+    are errors in smoke mode and warnings otherwise."""
+    errors, warnings = [], []
+    if window.corrupt:
+        errors.append(f"{target.label}: {window.corrupt} connection(s) got wrong bytes")
+    if window.dc_errors:
+        errors.append(f"{target.label}: fake DC saw {window.dc_errors} wrong stream(s)")
+    if window.dc_mismatch:
+        text = f"{target.label}: {window.dc_mismatch} connection(s) reached the wrong DC"
+        (warnings if target.key == "compare" else errors).append(text)
+    if window.failed:
+        text = f"{target.label}: {window.failed} connection(s) failed"
+        (errors if ctx.settings.strict_failures else warnings).append(text)
+    if errors or warnings:
+        samples = "; ".join(dict.fromkeys(window.samples))[:600]
+        if samples:
+            (errors or warnings).append(f"{target.label} samples: {samples}")
+    return errors, warnings
+
+
+def entry(target: Target, value: float, window: Window | None, rate: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"label": target.label, "value": _round(value)}
+    if window is not None:
+        out["cpu_pct"] = round(window.cpu_pct, 1)
+        if rate:
+            out["per_core"] = _round(value / window.per_core_factor)
+    return out
+
+
+def _round(value: float) -> float:
+    if value != value:  # NaN
+        return value
+    if abs(value) >= 100:
+        return round(value, 1)
+    return round(value, 4)
+
+
+# -- generic rate scenarios ----------------------------------------------------------------------
+def rate_scenario(
+    job_of: Callable[[Context], tuple[dict[str, Any], int, str]], per_core: bool = True
+) -> Callable[[Context, Scenario], Result]:
+    """Measure a job on every target, alternating targets ``repeats`` times; keep the
+    median run (by the per-core figure) of each target."""
+
+    def run(ctx: Context, sc: Scenario) -> Result:
+        job, total, split = job_of(ctx)
+        runs: dict[str, list[tuple[float, float, Window]]] = {t.key: [] for t in ctx.targets}
+        errors: list[str] = []
+        warnings: list[str] = []
+        for _ in range(ctx.settings.repeats):
+            for target in ctx.targets:
+                window = measure(ctx, ctx.instance(target), job, total, split)
+                value = rate_of(job, window)
+                score = value / window.per_core_factor if per_core else value
+                runs[target.key].append((score, value, window))
+                e, w = problems_of(ctx, target, window)
+                errors += e
+                warnings += w
+        results = {}
+        for target in ctx.targets:
+            ordered = sorted(runs[target.key], key=lambda r: r[0])
+            score, value, window = ordered[len(ordered) // 2]
+            results[target.key] = entry(target, value, window, per_core)
+            results[target.key]["runs"] = [_round(r[0]) for r in runs[target.key]]
+            if job["kind"] == "rtt":
+                results[target.key]["p50"] = _round(percentile(window.latencies_ns, 50) / 1e6)
+                results[target.key]["p99"] = _round(value)
+                results[target.key]["samples_n"] = len(window.latencies_ns)
+            if job["kind"] == "handshake":
+                results[target.key]["hs_p50_ms"] = _round(
+                    percentile(window.latencies_ns, 50) / 1e6
+                )
+        return finish(sc, results, errors, warnings, "per_core" if per_core else "value")
+
+    return run
+
+
+def finish(
+    sc: Scenario, results: dict[str, Any], errors: list[str], warnings: list[str], key: str
+) -> Result:
+    ratio = {}
+    base = results.get("baseline", {}).get(key)
+    if base:
+        for name, res in results.items():
+            if name != "baseline" and res.get(key) is not None:
+                ratio[name] = round(res[key] / base, 3)
+    return {
+        "scenario": sc.name,
+        "title": sc.title,
+        "unit": sc.unit,
+        "better": sc.better,
+        "status": "failed" if errors else "ok",
+        "reason": "; ".join(errors),
+        "results": results,
+        "ratio": ratio,
+        "ratio_of": key,
+        "problems": errors + warnings,
+    }
+
+
+# -- idle sessions -------------------------------------------------------------------------------
+def idle_scenario(size_of: Callable[[Context], int]) -> Callable[[Context, Scenario], Result]:
+    def run(ctx: Context, sc: Scenario) -> Result:
+        count = size_of(ctx)
+        results: dict[str, Any] = {}
+        errors: list[str] = []
+        warnings: list[str] = []
+        for target in ctx.targets:
+            inst = target.launch(ctx)  # fresh: no memory left over from other scenarios
+            try:
+                res, e, w = hold_idle(ctx, target, inst, count)
+            finally:
+                inst.close()
+            results[target.key] = res
+            errors += e
+            warnings += w
+        return finish(sc, results, errors, warnings, "value")
+
+    return run
+
+
+def hold_idle(
+    ctx: Context, target: Target, inst: Instance, count: int, **job_extra: Any
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Open ``count`` idle sessions on a fresh instance; RSS and fds per session."""
+    s = ctx.settings
+    job = {"kind": "idle", "dcs": list(DC_NUMBERS), **job_extra}
+    procs = max(s.load_procs, -(-count // SESSIONS_PER_PROCESS))
+    # Warm-up: code paths, freelists and the loop's structures get allocated once.
+    warm = measure(ctx, inst, job, min(64, count), "streams")
+    errors, warnings = problems_of(ctx, target, warm)
+    time.sleep(0.3)
+    rss0, fds0, _ = inst.memory()
+    ctx.dc.reset()
+    job = dict(job, host="127.0.0.1", port=inst.port, secret=ctx.secret)
+    job["setup_timeout"] = s.setup_timeout
+    ready = ctx.load.start(job, count, "streams", procs=procs)
+    opened = sum(a.get("ok", 0) for a in ready)
+    failed = sum(a.get("failed", 0) for a in ready)
+    window = Window(failed=failed)
+    for a in ready:
+        window.samples += a.get("samples", [])
+    try:
+        settle = 1.0 if count >= 1000 else 0.2
+        time.sleep(settle)
+        cpu0, t0 = inst.cpu_seconds(), time.monotonic()
+        ctx.load.go()
+        samples = []
+        for _ in range(3):
+            time.sleep(settle / 2)
+            samples.append(inst.memory())
+        cpu1, t1 = inst.cpu_seconds(), time.monotonic()
+    finally:
+        results = ctx.load.stop()
+    for result in results:
+        window.failed += result.get("failed", 0)
+        window.corrupt += result.get("corrupt", 0)
+        window.samples += result.get("samples", [])
+    dc = ctx.dc.stats()
+    window.dc_errors = dc.get("errors", 0)
+    window.dc_mismatch = dc.get("dc_mismatch", 0)
+    window.cpu_pct = 100 * (cpu1 - cpu0) / max(t1 - t0, 1e-6)
+    e, w = problems_of(ctx, target, window)
+    errors += e
+    warnings += w
+    rss1 = statistics.median(m[0] for m in samples)
+    fds1 = statistics.median(m[1] for m in samples)
+    if opened < count:
+        (errors if s.strict_failures else warnings).append(
+            f"{target.label}: only {opened} of {count} sessions opened"
+        )
+    per = max(opened, 1)
+    res = {
+        "label": target.label,
+        "value": _round((rss1 - rss0) / per / 1024),
+        "cpu_pct": round(window.cpu_pct, 1),
+        "sessions": opened,
+        "fds_per_session": _round((fds1 - fds0) / per),
+        "rss_before_mb": round(rss0 / 2**20, 1),
+        "rss_after_mb": round(rss1 / 2**20, 1),
+    }
+    return res, errors, warnings
+
+
+# -- features ------------------------------------------------------------------------------------
+def feature_targets(ctx: Context, feature: str) -> tuple[list[Target], list[str]]:
+    """Targets (baseline excluded) that support ``feature``, and reasons for the others."""
+    ok, reasons = [], []
+    for target in ctx.targets:
+        if target.key == "baseline":
+            continue
+        supported, reason = ctx.supports(target, feature)
+        if supported:
+            ok.append(target)
+        else:
+            reasons.append(reason)
+    return ok, reasons
+
+
+def max_sessions(ctx: Context, sc: Scenario) -> Result:
+    s = ctx.settings
+    targets, reasons = feature_targets(ctx, "workers")
+    if not targets:
+        raise Skip("; ".join(reasons))
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    procs = max(s.load_procs, -(-s.max_sessions_cap // SESSIONS_PER_PROCESS) + 1)
+    ctx.dc.ensure(max(s.dc_procs, procs))
+    src_ips = [f"127.0.0.{i}" for i in range(2, 10)]
+    for target in targets:
+        inst = target.launch(ctx, workers=s.max_workers)
+        try:
+            res, e, w = grow_sessions(ctx, target, inst, procs, src_ips)
+        finally:
+            inst.close()
+        res["workers"] = s.max_workers
+        results[target.key] = res
+        errors += e
+        warnings += w
+    out = finish(sc, results, errors, warnings, "value")
+    out["note"] = "; ".join(reasons)
+    return out
+
+
+def grow_sessions(
+    ctx: Context, target: Target, inst: Instance, procs: int, src_ips: list[str]
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    s = ctx.settings
+    ctx.dc.reset()
+    rss0, fds0, _ = inst.memory()
+    job = {
+        "kind": "idle",
+        "dcs": list(DC_NUMBERS),
+        "src_ips": src_ips,
+        "host": "127.0.0.1",
+        "port": inst.port,
+        "secret": ctx.secret,
+        "setup_timeout": s.setup_timeout,
+    }
+    step = s.max_sessions_step
+    ready = ctx.load.start(job, step, "streams", procs=procs)
+    opened = sum(a.get("ok", 0) for a in ready)
+    failed = sum(a.get("failed", 0) for a in ready)
+    stop_reason = "cap"
+    deadline = time.monotonic() + s.max_sessions_time
+    try:
+        while opened < s.max_sessions_cap:
+            if failed > step // 100:
+                stop_reason = f"{failed} sessions failed to open"
+                break
+            if time.monotonic() > deadline:
+                stop_reason = "time limit"
+                break
+            if psutil.virtual_memory().available < 1 << 30:
+                stop_reason = "less than 1 GiB of memory left"
+                break
+            if not inst.alive():
+                stop_reason = "proxy exited"
+                break
+            grown = ctx.load.grow(min(step, s.max_sessions_cap - opened), s.setup_timeout)
+            opened += sum(a.get("ok", 0) for a in grown)
+            failed = sum(a.get("failed", 0) for a in grown)
+        time.sleep(0.5)
+        rss1, fds1, nproc = inst.memory()
+        cpu0, t0 = inst.cpu_seconds(), time.monotonic()
+        ctx.load.go()
+        time.sleep(max(s.duration / 5, 0.2))
+        cpu1, t1 = inst.cpu_seconds(), time.monotonic()
+    finally:
+        results = ctx.load.stop()
+    window = Window(cpu_pct=100 * (cpu1 - cpu0) / max(t1 - t0, 1e-6))
+    for result in results:
+        window.corrupt += result.get("corrupt", 0)
+        window.failed += result.get("failed", 0)  # sessions dropped while held
+        window.samples += result.get("samples", [])
+    dc = ctx.dc.stats()
+    window.dc_errors = dc.get("errors", 0)
+    errors, warnings = problems_of(ctx, target, window)
+    per = max(opened, 1)
+    res = {
+        "label": target.label,
+        "value": opened,
+        "cpu_pct": round(window.cpu_pct, 1),
+        "stopped_by": stop_reason,
+        "processes": nproc,
+        "rss_total_mb": round(rss1 / 2**20, 1),
+        "kb_per_session": _round((rss1 - rss0) / per / 1024),
+        "fds_per_session": _round((fds1 - fds0) / per),
+    }
+    return res, errors, warnings
+
+
+def _relay_and_handshakes(ctx: Context) -> list[tuple[str, tuple[dict[str, Any], int, str]]]:
+    return [
+        (f"relay {ctx.settings.streams_many} streams", stream_job(ctx, "echo", ctx.settings.streams_many)),
+        ("handshakes", handshake_job(ctx)),
+    ]
+
+
+def paired(
+    ctx: Context,
+    sc: Scenario,
+    feature: str,
+    variant: Callable[[Context, Target], Instance],
+    during: Callable[[Instance], None] | None = None,
+    change: str = "loss",
+) -> Result:
+    """Off-vs-on comparison of a feature on relay and handshake jobs (same run, alternated).
+
+    ``change`` "loss" reports 1 - on/off in percent; "ratio" reports on/off.
+    """
+    targets, reasons = feature_targets(ctx, feature)
+    if not targets:
+        raise Skip("; ".join(reasons))
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    for target in targets:
+        res: dict[str, Any] = {"label": target.label}
+        worst = None
+        for label, (job, total, split) in _relay_and_handshakes(ctx):
+            off_scores, on_scores, cpu_on = [], [], 0.0
+            for _ in range(ctx.settings.repeats):
+                win_off = measure(ctx, ctx.instance(target), job, total, split)
+                inst = variant(ctx, target)
+                try:
+                    win_on = measure(ctx, inst, job, total, split, during=during)
+                finally:
+                    inst.close()
+                for window in (win_off, win_on):
+                    e, w = problems_of(ctx, target, window)
+                    errors += e
+                    warnings += w
+                off_scores.append(rate_of(job, win_off) / win_off.per_core_factor)
+                on_scores.append(rate_of(job, win_on) / win_on.per_core_factor)
+                cpu_on = win_on.cpu_pct
+            off, on = statistics.median(off_scores), statistics.median(on_scores)
+            value = (1 - on / off) * 100 if change == "loss" else on / off
+            res[label] = {
+                "off_per_core": _round(off),
+                "on_per_core": _round(on),
+                change: _round(value),
+                "cpu_pct_on": round(cpu_on, 1),
+            }
+            worst = value if worst is None else (max if change == "loss" else min)(worst, value)
+        res["value"] = _round(worst if worst is not None else float("nan"))
+        results[target.key] = res
+    out = finish(sc, results, errors, warnings, "value")
+    out["ratio"] = {}
+    out["note"] = "; ".join(reasons)
+    return out
+
+
+def metrics_scenario(ctx: Context, sc: Scenario) -> Result:
+    def with_metrics(ctx: Context, target: Target) -> Instance:
+        port = free_port()
+        inst = target.launch(ctx, metrics_port=port)
+        scraper = Scraper(port)
+        inst.on_close.append(scraper.stopped.set)
+        return inst
+
+    return paired(ctx, sc, "metrics", with_metrics)
+
+
+class Scraper(threading.Thread):
+    """Scrapes the metrics endpoint every second while a measurement runs."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        self.stopped = threading.Event()
+        self.ok = 0
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=2) as resp:
+                resp.read()
+                self.ok += 1
+
+
+def workers_scenario(ctx: Context, sc: Scenario) -> Result:
+    n = ctx.settings.pool_workers
+
+    def pool(ctx: Context, target: Target) -> Instance:
+        return target.launch(ctx, workers=n)
+
+    out = paired(ctx, sc, "workers", pool, change="ratio")
+    out["note"] = (out.get("note") or "") + f" {n} workers vs 1, all pinned to the proxy CPUs"
+    return out
+
+
+def reload_scenario(ctx: Context, sc: Scenario) -> Result:
+    every = ctx.settings.reload_every
+    last = [0.0]
+
+    def fresh(ctx: Context, target: Target) -> Instance:
+        return target.launch(ctx)
+
+    def hup(inst: Instance) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inst.pid, signal.SIGHUP)
+
+    return paired(ctx, sc, "sighup", fresh, during=hup)
+
+
+# -- registry ------------------------------------------------------------------------------------
+def _idle_small(ctx: Context) -> int:
+    return ctx.settings.idle_small
+
+
+def _idle_large(ctx: Context) -> int:
+    return ctx.settings.idle_large
+
+
+SCENARIOS = [
+    Scenario("relay_1", "relay, 1 stream, 16 KiB echo", "MB/s", rate_scenario(
+        lambda ctx: stream_job(ctx, "echo", 1))),
+    Scenario("relay_64", "relay, 64 streams, 16 KiB echo", "MB/s", rate_scenario(
+        lambda ctx: stream_job(ctx, "echo", ctx.settings.streams_many))),
+    Scenario("upload_64", "client -> DC only (sink), 64 streams", "MB/s", rate_scenario(
+        lambda ctx: stream_job(ctx, "sink", ctx.settings.streams_many))),
+    Scenario("download_64", "DC -> client only (source), 64 streams", "MB/s", rate_scenario(
+        lambda ctx: stream_job(ctx, "source", ctx.settings.streams_many))),
+    Scenario("handshakes", "full handshakes (connect..close)", "1/s", rate_scenario(
+        handshake_job)),
+    Scenario("rtt_128", "round trip of 128 B, p99 (p50 in JSON)", "ms", rate_scenario(
+        rtt_job, per_core=False), better="lower"),
+    Scenario("idle_1k", "RSS per idle session, 1k sessions", "KB", idle_scenario(
+        _idle_small), better="lower"),
+    Scenario("idle_9k", "RSS per idle session, 9k per worker", "KB", idle_scenario(
+        _idle_large), better="lower"),
+    Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),
+    Scenario("metrics", "metrics on vs off, worst loss", "% loss", metrics_scenario,
+             better="lower"),
+    Scenario("workers", "N workers vs 1, worst ratio", "x", workers_scenario),
+    Scenario("reload", "SIGHUP every 0.5 s vs none, worst loss", "% loss", reload_scenario,
+             better="lower"),
+]
+BY_NAME = {sc.name: sc for sc in SCENARIOS}
+
+
+def run_scenario(ctx: Context, sc: Scenario) -> Result:
+    """Run one scenario; a crash or a start failure becomes a ``failed`` result."""
+    started = time.monotonic()
+    try:
+        result = sc.run(ctx, sc)
+    except Skip as exc:
+        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
+                  "status": "skipped", "reason": str(exc), "results": {}, "ratio": {}}
+    except StartError as exc:
+        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
+                  "status": "failed", "reason": f"start failed: {exc}", "results": {},
+                  "ratio": {}}
+    except Exception as exc:
+        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
+                  "status": "failed", "reason": f"crashed: {exc!r}",
+                  "traceback": traceback.format_exc(), "results": {}, "ratio": {}}
+        ctx.drop_instances()  # do not reuse instances a crash may have left odd
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
