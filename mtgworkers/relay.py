@@ -106,7 +106,10 @@ class RawSide(Side):
             session.bytes_to_client += len(data)
         else:
             session.bytes_from_client += len(data)
-        self.peer.write(data)  # type: ignore[union-attr]
+        try:
+            self.peer.write(data)  # type: ignore[union-attr]
+        except RuntimeError:  # the peer's handle closed in this loop iteration
+            session.side_failed(self, "peer connection is closed")
 
 
 class ClientSide(Side):
@@ -144,7 +147,10 @@ class ClientSide(Side):
         session = self.session
         session.touched = True
         session.bytes_from_client += len(out)
-        self.peer.write(out)  # type: ignore[union-attr]
+        try:
+            self.peer.write(out)  # type: ignore[union-attr]
+        except RuntimeError:  # the peer's handle closed in this loop iteration
+            session.side_failed(self, "peer connection is closed")
 
 
 class TelegramSide(Side):
@@ -169,14 +175,17 @@ class TelegramSide(Side):
         session = self.session
         session.touched = True
         session.bytes_to_client += size
-        peer = self.peer
         if size <= MAX_RECORD_PAYLOAD:
-            peer.write(_RECORD_HEADER + size.to_bytes(2, "big") + out)  # type: ignore[union-attr]
-            return
-        view = memoryview(out)
-        parts: list[bytes | memoryview] = []
-        for start in range(0, size, MAX_RECORD_PAYLOAD):
-            chunk = view[start : start + MAX_RECORD_PAYLOAD]
-            parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
-            parts.append(chunk)
-        peer.write(b"".join(parts))  # type: ignore[union-attr]
+            record = _RECORD_HEADER + size.to_bytes(2, "big") + out
+        else:
+            view = memoryview(out)
+            parts: list[bytes | memoryview] = []
+            for start in range(0, size, MAX_RECORD_PAYLOAD):
+                chunk = view[start : start + MAX_RECORD_PAYLOAD]
+                parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
+                parts.append(chunk)
+            record = b"".join(parts)
+        try:
+            self.peer.write(record)  # type: ignore[union-attr]
+        except RuntimeError:  # the peer's handle closed in this loop iteration
+            session.side_failed(self, "peer connection is closed")

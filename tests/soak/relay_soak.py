@@ -233,6 +233,7 @@ def soak(connections: int, concurrency: int, processes: int) -> dict[str, Any]:
                 fds_after = proxy.fd_count()
             rss_mb = proxy.rss() / 1e6
             crash = "double free" in proxy.output() or "corruption" in proxy.output()
+            errors = [r for r in list(proxy.logs) if r.get("level") == "error"]
             exit_code = proxy.stop(check=False)
         finally:
             proxy.kill()
@@ -250,6 +251,8 @@ def soak(connections: int, concurrency: int, processes: int) -> dict[str, Any]:
             "fds_after": fds_after,
             "rss_mb_after": round(rss_mb, 1),
             "crash_output": crash,
+            "error_lines": len(errors),
+            "first_error_line": errors[0] if errors else None,
             "exit_code": exit_code,
         }
     finally:
@@ -274,6 +277,7 @@ def main(argv: list[str]) -> int:
         and result["fds_after"] <= result["fds_before"]
         and result["exit_code"] == 0
         and not result["crash_output"]
+        and not result["error_lines"]
     )
     return 0 if good else 1
 

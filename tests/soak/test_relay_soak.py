@@ -20,6 +20,7 @@ def test_relay_survives_every_way_a_session_ends() -> None:
     assert connections >= ENDINGS * 100
     assert result["proxy_alive"], result
     assert not result["crash_output"], result
+    assert result["error_lines"] == 0, result["first_error_line"]
     assert result["exit_code"] == 0, result
     # every session's two descriptors were released
     assert result["fds_after"] <= result["fds_before"], result
