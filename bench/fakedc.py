@@ -135,18 +135,20 @@ class DCConn(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.tls:
-            try:
-                pieces = self.records.feed(data)  # type: ignore[union-attr]
-            except RecordError as exc:
-                self._fail(f"tls: {exc}")
-                return
-            for piece in pieces:
-                if self.transport is None:
-                    return
-                self._stream(piece)
-        else:
+        if not self.tls:
             self._stream(data)
+            return
+        try:
+            pieces = self.records.feed(data)  # type: ignore[union-attr]
+        except RecordError as exc:
+            self._fail(f"tls: {exc}")
+            return
+        if self.state == DATA and len(pieces) > 1:
+            pieces = [b"".join(pieces)]  # one decrypt, one verify, one write per chunk
+        for piece in pieces:
+            if self.transport is None:
+                return
+            self._stream(piece)
 
     # -- stream -------------------------------------------------------------------------
     def _stream(self, data: bytes | memoryview) -> None:

@@ -118,6 +118,7 @@ class Instance:
         self.name = name
         self.port = port
         self.log_path = log_path
+        self.verify_hmac = True
         self.on_close: list[Callable[[], object]] = []
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
@@ -184,9 +185,11 @@ class Target:
         argv, env = self.argv(ctx, port, options)
         ctx.launch_count += 1
         log = ctx.tmp / f"{self.key}-{ctx.launch_count}.log"
-        return Instance(
+        inst = Instance(
             self.label, argv, port, log, ctx.proxy_cpus, env, ctx.settings.start_timeout
         )
+        inst.verify_hmac = self.verify_hmac
+        return inst
 
 
 def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
@@ -463,6 +466,14 @@ class Window:
         return max(self.cpu_pct, 1.0) / 100.0
 
 
+def instance_job(ctx: Context, instance: Instance, job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` aimed at ``instance``."""
+    out = dict(job, host="127.0.0.1", port=instance.port, secret=ctx.secret)
+    out["verify_hmac"] = instance.verify_hmac
+    out.setdefault("setup_timeout", ctx.settings.setup_timeout)
+    return out
+
+
 def measure(
     ctx: Context,
     instance: Instance,
@@ -478,13 +489,9 @@ def measure(
     """
     settings = ctx.settings
     ctx.dc.reset()
-    job = dict(job, host="127.0.0.1", port=instance.port, secret=ctx.secret)
-    job.setdefault("setup_timeout", settings.setup_timeout)
-    ready = ctx.load.start(job, total, split_key)
+    job = instance_job(ctx, instance, job)
+    ctx.load.start(job, total, split_key)
     window = Window()
-    for answer in ready:
-        window.failed += answer.get("failed", 0)
-        window.samples += answer.get("samples", [])
     try:
         time.sleep(settings.warmup)
         cpu0, t0 = instance.cpu_seconds(), time.monotonic()
@@ -500,9 +507,11 @@ def measure(
     window.cpu_pct = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-6)
     for result in results:
         window.elapsed = max(window.elapsed, result["elapsed"])
-        for key in ("rx", "tx", "completed", "established", "corrupt"):
+        for key in ("rx", "tx", "completed", "established"):
             setattr(window, key, getattr(window, key) + result.get(key, 0))
-        window.failed += result.get("failed", 0)
+        # totals since the job started: set-up failures count too
+        window.failed += result.get("total_failed", 0)
+        window.corrupt += result.get("total_corrupt", 0)
         window.latencies_ns += result.get("latencies_ns", [])
         window.samples += result.get("samples", [])
     dc = ctx.dc.stats()

@@ -84,6 +84,7 @@ class Job:
         self.dcs: list[int] = list(spec.get("dcs", [2]))
         self.src_ips: list[str] = list(spec.get("src_ips", []))
         self.open_concurrency = int(spec.get("open_concurrency", 128))
+        self.refill = self.kind == "stream" and self.mode != MODE_SOURCE
         self._dc_i = 0
         self._src_i = 0
         self.running = True
@@ -268,6 +269,8 @@ class Client(asyncio.Protocol):
                     self._fail("bytes after the expected echo", corrupt=True)
                 return
             self._plain(dec.update(piece))
+        if self.job.refill:
+            self._fill()  # once per chunk: fewer, larger writes keep the load side cheap
 
     def _plain(self, plain: bytes) -> None:
         job = self.job
@@ -286,10 +289,7 @@ class Client(asyncio.Protocol):
         if first:
             self._established()
         kind = job.kind
-        if kind == "stream":
-            if job.mode == MODE_ECHO:
-                self._fill()
-        elif kind == "rtt":
+        if kind == "rtt":
             if off == self.tx_off:
                 if job.measuring and len(job.latencies) < MAX_LATENCIES:
                     job.latencies.append(time.perf_counter_ns() - self.started)
@@ -319,13 +319,12 @@ class Client(asyncio.Protocol):
                 self._established()
             self.acked = value
         self.ackbuf = buf
-        self._fill()
 
     def _established(self) -> None:
-        self._cancel_timer()
         job = self.job
         job.established += 1
-        if job.kind != "handshake":
+        if job.kind != "handshake":  # a handshake keeps its deadline until the close
+            self._cancel_timer()
             self._resolve(True)
 
     def _fill(self) -> None:

@@ -34,6 +34,7 @@ from bench.harness import (
     StartError,
     Target,
     Window,
+    instance_job,
     measure,
 )
 from bench.common import free_port
@@ -228,14 +229,9 @@ def hold_idle(
     time.sleep(0.3)
     rss0, fds0, _ = inst.memory()
     ctx.dc.reset()
-    job = dict(job, host="127.0.0.1", port=inst.port, secret=ctx.secret)
-    job["setup_timeout"] = s.setup_timeout
-    ready = ctx.load.start(job, count, "streams", procs=procs)
+    ready = ctx.load.start(instance_job(ctx, inst, job), count, "streams", procs=procs)
     opened = sum(a.get("ok", 0) for a in ready)
-    failed = sum(a.get("failed", 0) for a in ready)
-    window = Window(failed=failed)
-    for a in ready:
-        window.samples += a.get("samples", [])
+    window = Window()
     try:
         settle = 1.0 if count >= 1000 else 0.2
         time.sleep(settle)
@@ -249,8 +245,8 @@ def hold_idle(
     finally:
         results = ctx.load.stop()
     for result in results:
-        window.failed += result.get("failed", 0)
-        window.corrupt += result.get("corrupt", 0)
+        window.failed += result.get("total_failed", 0)
+        window.corrupt += result.get("total_corrupt", 0)
         window.samples += result.get("samples", [])
     dc = ctx.dc.stats()
     window.dc_errors = dc.get("errors", 0)
@@ -325,15 +321,7 @@ def grow_sessions(
     s = ctx.settings
     ctx.dc.reset()
     rss0, fds0, _ = inst.memory()
-    job = {
-        "kind": "idle",
-        "dcs": list(DC_NUMBERS),
-        "src_ips": src_ips,
-        "host": "127.0.0.1",
-        "port": inst.port,
-        "secret": ctx.secret,
-        "setup_timeout": s.setup_timeout,
-    }
+    job = instance_job(ctx, inst, {"kind": "idle", "dcs": list(DC_NUMBERS), "src_ips": src_ips})
     step = s.max_sessions_step
     ready = ctx.load.start(job, step, "streams", procs=procs)
     opened = sum(a.get("ok", 0) for a in ready)
@@ -367,7 +355,7 @@ def grow_sessions(
         results = ctx.load.stop()
     window = Window(cpu_pct=100 * (cpu1 - cpu0) / max(t1 - t0, 1e-6))
     for result in results:
-        window.corrupt += result.get("corrupt", 0)
+        window.corrupt += result.get("total_corrupt", 0)
         window.failed += result.get("failed", 0)  # sessions dropped while held
         window.samples += result.get("samples", [])
     dc = ctx.dc.stats()

@@ -15,6 +15,9 @@ Deliberate differences to mtg (all documented in ``config.example.toml``):
   ``doh-ip`` with an IPv6 address becomes ``https://[v6]`` (mtg produces a broken URL).
 - List files must be regular files readable by this process.
 - Extension: ``[dc-overrides]`` replaces Telegram's built-in addresses of single DCs.
+- Extension: ``[supervisor]`` sets the process model (worker count, graceful timeout, RSS
+  limit, pid file); mtg runs one process and has no such table. Without it the defaults
+  apply, so mtg config files work unchanged.
 
 Each value syntax has one small function below (``parse_duration``, ``parse_bytes``, ...), the
 counterpart of mtg's ``internal/config/type_*.go``. Those functions raise :class:`ConfigError`
@@ -58,6 +61,7 @@ __all__ = [
     "ProxyURL",
     "Stats",
     "Statsd",
+    "Supervisor",
     "Timeouts",
     "format_bytes",
     "format_duration",
@@ -76,16 +80,21 @@ __all__ = [
     "parse_ip",
     "parse_list_url",
     "parse_metric_prefix",
+    "parse_pid_file",
     "parse_port",
     "parse_prefer_ip",
     "parse_proxy_url",
     "parse_tag_format",
+    "parse_workers",
 ]
 
 REDACTED = "REDACTED"
 
 PREFER_IP_VALUES = ("prefer-ipv4", "prefer-ipv6", "only-ipv4", "only-ipv6")
 TAG_FORMATS = ("datadog", "influxdb", "graphite")
+
+# [supervisor] workers: at most this many worker processes (0 means one per CPU).
+MAX_WORKERS = 256
 
 # Deprecated keys (mtg spelling, full dotted key), in the order mtg's doctor reports them.
 DEPRECATED_KEYS = (
@@ -219,6 +228,16 @@ class Stats:
     prometheus: Prometheus = field(default_factory=Prometheus)
 
 
+@dataclass(frozen=True)
+class Supervisor:
+    """EXTENSION (not in mtg): the ``[supervisor]`` table, the process model."""
+
+    workers: int = 0  # 0: one worker per CPU this process may run on
+    graceful_timeout: float = 30.0  # how long retiring workers may drain their sessions
+    worker_max_rss: int | None = None  # bytes; None: no limit
+    pid_file: str | None = None  # absolute path; None: no pid file
+
+
 def _empty_overrides() -> Mapping[int, tuple[tuple[str, int], ...]]:
     return types.MappingProxyType({})
 
@@ -242,6 +261,7 @@ class Config:
     network: Network = field(default_factory=Network)
     defense: Defense = field(default_factory=Defense)
     stats: Stats = field(default_factory=Stats)
+    supervisor: Supervisor = field(default_factory=Supervisor)
     dc_overrides: Mapping[int, tuple[tuple[str, int], ...]] = field(
         default_factory=_empty_overrides
     )
@@ -322,6 +342,12 @@ class Config:
                     "metric-prefix": prometheus.metric_prefix,
                 },
             },
+            "supervisor": {
+                "workers": self.supervisor.workers,
+                "graceful-timeout": format_duration(self.supervisor.graceful_timeout),
+                "worker-max-rss": _format_optional_bytes(self.supervisor.worker_max_rss),
+                "pid-file": self.supervisor.pid_file,
+            },
             "dc-overrides": {
                 str(dc): [_join_host_port(host, port) for host, port in addresses]
                 for dc, addresses in self.dc_overrides.items()
@@ -340,6 +366,10 @@ def _ip_list_json(cfg: IPListConfig) -> dict[str, Any]:
 
 def _format_optional(value: object | None) -> str | None:
     return None if value is None else str(value)
+
+
+def _format_optional_bytes(size: int | None) -> str | None:
+    return None if size is None else format_bytes(size)
 
 
 def _format_optional_duration(seconds: float | None) -> str | None:
@@ -614,6 +644,28 @@ def parse_concurrency(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(f"value should be 1..65535 ({value})")
     return value
+
+
+def parse_workers(value: int) -> int:
+    """Check ``[supervisor] workers``: 1..MAX_WORKERS (0, one per CPU, is handled by the caller)."""
+    if not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"value should be 0..{MAX_WORKERS} (0 = one per CPU) ({value})")
+    return value
+
+
+def parse_pid_file(text: str, base_dir: str | None = None) -> str:
+    """Parse ``[supervisor] pid-file``: a file path, returned absolute.
+
+    A relative path is resolved against ``base_dir`` (default: the working directory). The
+    file is written when the proxy starts, so it need not exist; a path ending in ``/`` or
+    naming a directory is an error. Raises ConfigError.
+    """
+    if "\x00" in text:
+        raise ConfigError("path contains a NUL character")
+    path = os.path.abspath(os.path.join(base_dir, text) if base_dir else text)
+    if text.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ConfigError(f"value is a path to a directory: {path}")
+    return path
 
 
 def parse_error_rate(value: float) -> float:
@@ -1164,6 +1216,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
         network=network,
         defense=_parse_defense(root.section("defense"), base_dir),
         stats=_parse_stats(root.section("stats")),
+        supervisor=_parse_supervisor(root.section("supervisor"), base_dir),
         dc_overrides=_parse_dc_overrides(root.section("dc-overrides")),
         deprecated=tuple(deprecated),
     )
@@ -1272,6 +1325,17 @@ def _parse_stats(section: _Section) -> Stats:
 
     section.finish()
     return Stats(statsd=statsd, prometheus=prometheus)
+
+
+def _parse_supervisor(section: _Section, base_dir: str | None) -> Supervisor:
+    result = Supervisor(
+        workers=section.integer("workers", parse_workers, 0),
+        graceful_timeout=section.duration("graceful-timeout", 30.0),
+        worker_max_rss=section.string("worker-max-rss", parse_bytes, 0) or None,
+        pid_file=section.string("pid-file", lambda text: parse_pid_file(text, base_dir), None),
+    )
+    section.finish()
+    return result
 
 
 def _parse_dc_overrides(section: _Section) -> Mapping[int, tuple[tuple[str, int], ...]]:

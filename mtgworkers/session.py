@@ -137,6 +137,9 @@ class ClientSession(asyncio.Protocol):
             )
             self._close_now()
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _client_keepalive(sock)
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         if worker.proxy_protocol_listener:
             return  # the client address is known only after the PROXY header
@@ -575,6 +578,18 @@ class ClientSession(asyncio.Protocol):
             fields["dc"] = self.dc
         fields.update(extra)
         return fields
+
+
+def _client_keepalive(sock: socket.socket) -> None:
+    """mtg's fixed keep-alive for client sockets (idle 30 s, interval 10 s, 3 probes):
+    phones behind NAT vanish without a FIN, and their sessions must not pile up."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass  # not fatal: the idle timeout still ends the session
 
 
 def _normalise_ip(ip: str) -> str:

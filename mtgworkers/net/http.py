@@ -172,7 +172,13 @@ def _request_headers(headers: Mapping[str, str] | None) -> dict[str, tuple[str, 
         "accept": ("Accept", "*/*"),
     }
     for name, value in (headers or {}).items():
-        if not name or any(c in name for c in ":\r\n \t") or any(c in value for c in "\r\n"):
+        if (
+            not name
+            or not name.isascii()
+            or any(c in name for c in ":\r\n \t")
+            or any(c in value for c in "\r\n")
+            or not all(ord(c) < 256 for c in value)  # HTTP/1.1 field values are bytes
+        ):
             raise ValueError(f"invalid request header {name!r}")
         if name.lower() in _FIXED_HEADERS:
             raise ValueError(f"request header {name!r} cannot be set")

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -286,3 +287,31 @@ def test_run_logs_the_proxy_link(proxy_factory: ProxyPool, test_secret: KitSecre
     from mtgworkers.protocol.secret import Secret
 
     assert f"secret={Secret(test_secret.key, test_secret.host).base64()}" in url
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss from iproute2")
+def test_client_sockets_get_keepalive(
+    proxy_factory: ProxyPool, client_factory: ClientFactory
+) -> None:
+    proxy = proxy_factory()
+    client = client_factory(proxy)
+    client.handshake()
+    client.send(b"x")
+    assert client.recv_exactly(1) == b"x"
+    client_port = client.sock.getsockname()[1]
+    # The proxy's end of this connection (local port = proxy port, peer port = ours) shows
+    # a keepalive timer once no retransmission timer is pending.
+    deadline = time.monotonic() + 5
+    line = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["ss", "-tnoH", "state", "established", f"( sport = :{proxy.port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        line = next(line for line in out.splitlines() if f":{client_port}" in line)
+        if "timer:(keepalive" in line:
+            break
+        time.sleep(0.05)
+    assert "timer:(keepalive" in line, line

@@ -1054,6 +1054,10 @@ def _keys(data: dict[str, Any], prefix: str = "") -> list[str]:
         ("stats.statsd.address", "", "stats.statsd.address", None),
         ("stats.prometheus.http-path", "", "stats.prometheus.http_path", "/"),
         ("debug", False, "debug", False),
+        ("supervisor.workers", 0, "supervisor.workers", 0),
+        ("supervisor.graceful-timeout", "0", "supervisor.graceful_timeout", 30.0),
+        ("supervisor.worker-max-rss", "0", "supervisor.worker_max_rss", None),
+        ("supervisor.pid-file", "", "supervisor.pid_file", None),
     ],
 )
 def test_zero_values_mean_default(key: str, zero: Any, attribute: str, default: Any) -> None:
@@ -1212,6 +1216,87 @@ def test_dc_overrides_errors(overrides: dict[str, Any], message: str) -> None:
 def test_dc_overrides_must_be_a_table() -> None:
     assert error_of(minimal(**{"dc-overrides": ["127.0.0.1:1"]})) == (
         "dc-overrides: expected a table, got array"
+    )
+
+
+# --- [supervisor]
+
+
+def test_supervisor_table_is_optional_and_has_documented_defaults() -> None:
+    cfg = parse(minimal())
+    assert cfg.supervisor == config.Supervisor(
+        workers=0, graceful_timeout=30.0, worker_max_rss=None, pid_file=None
+    )
+    assert cfg.to_json_dict()["supervisor"] == {
+        "workers": 0,
+        "graceful-timeout": "30s",
+        "worker-max-rss": None,
+        "pid-file": None,
+    }
+
+
+def test_supervisor_values(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            secret = "{SECRET_HEX}"
+            bind-to = "127.0.0.1:8443"
+
+            [supervisor]
+            workers = 4
+            graceful-timeout = "1m30s"
+            worker-max-rss = "512MB"
+            pid-file = "run/mtgworkers.pid"
+            """
+        )
+    )
+    cfg = load(path)
+    assert cfg.supervisor == config.Supervisor(
+        workers=4,
+        graceful_timeout=90.0,
+        worker_max_rss=512 * 1024 * 1024,
+        pid_file=str(tmp_path / "run" / "mtgworkers.pid"),
+    )
+    data = cfg.to_json_dict()["supervisor"]
+    assert data == {
+        "workers": 4,
+        "graceful-timeout": "1m30s",
+        "worker-max-rss": "512mib",
+        "pid-file": str(tmp_path / "run" / "mtgworkers.pid"),
+    }
+    # the JSON form parses back to the same values
+    again = parse(minimal(supervisor=data))
+    assert again.supervisor == cfg.supervisor
+
+
+def test_supervisor_absolute_pid_file_needs_no_base_dir() -> None:
+    cfg = parse(minimal(supervisor={"pid-file": "/run/mtgworkers.pid"}))
+    assert cfg.supervisor.pid_file == "/run/mtgworkers.pid"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("workers", 257, "supervisor.workers: value should be 0..256 (0 = one per CPU) (257)"),
+        ("workers", -1, "supervisor.workers: negative number -1 is not allowed"),
+        ("workers", "2", "supervisor.workers: expected an integer, got string"),
+        ("graceful-timeout", "-1s", "supervisor.graceful-timeout: duration has to be a positive"),
+        ("graceful-timeout", 30, "supervisor.graceful-timeout: expected a string, got integer"),
+        ("worker-max-rss", "lots", "supervisor.worker-max-rss: incorrect bytes value (lots)"),
+        ("worker-max-rss", "512", "supervisor.worker-max-rss: incorrect bytes value (512)"),
+        ("pid-file", "/tmp/", "supervisor.pid-file: value is a path to a directory"),
+        ("pid-file", "a\x00b", "supervisor.pid-file: path contains a NUL character"),
+        ("threads", 2, "supervisor.threads: unknown key"),
+    ],
+)
+def test_supervisor_errors_name_the_key(key: str, value: Any, message: str) -> None:
+    assert error_of(minimal(supervisor={key: value})).startswith(message)
+
+
+def test_supervisor_pid_file_that_is_a_directory(tmp_path: pathlib.Path) -> None:
+    assert error_of(minimal(supervisor={"pid-file": "."}), base_dir=str(tmp_path)) == (
+        f"supervisor.pid-file: value is a path to a directory: {tmp_path}"
     )
 
 
