@@ -325,6 +325,34 @@ def tree_memory(pid: int) -> tuple[int, int, int]:
     return rss, fds, count
 
 
+def cpu_busy_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU (busy, total) clock ticks since boot, from /proc/stat."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *fields = line.split()
+                    ticks = [int(x) for x in fields[:8]]
+                    idle = ticks[3] + ticks[4]
+                    out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    except OSError:
+        pass
+    return out
+
+
+def busy_pct(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus: Sequence[int]
+) -> float:
+    """Average busy percentage of ``cpus`` between two cpu_busy_ticks() samples."""
+    busy = total = 0
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            busy += after[cpu][0] - before[cpu][0]
+            total += after[cpu][1] - before[cpu][1]
+    return 100.0 * busy / total if total else float("nan")
+
+
 def pin(pid: int, cpus: Sequence[int] | None) -> None:
     """Pin ``pid`` (and its future children) to ``cpus``; no-op when None."""
     if cpus:

@@ -24,6 +24,8 @@ from typing import Any
 from bench.common import (
     REPO_ROOT,
     ChildChannel,
+    busy_pct,
+    cpu_busy_ticks,
     free_port,
     kill_tree,
     listening_ports,
@@ -74,8 +76,8 @@ class Settings:
     @classmethod
     def smoke(cls) -> Settings:
         return cls(
-            duration=0.4,
-            warmup=0.1,
+            duration=0.25,
+            warmup=0.05,
             repeats=1,
             streams_many=8,
             window_one=64 * 1024,
@@ -92,7 +94,7 @@ class Settings:
             dc_procs=1,
             setup_timeout=10.0,
             start_timeout=8.0,
-            probe_wait=1.0,
+            probe_wait=0.6,
             strict_failures=True,
         )
 
@@ -442,6 +444,29 @@ class LoadPool:
         self.procs = []
 
 
+class CpuProbe:
+    """CPU use between construction and finish(): the proxy tree, the load side, and how
+    busy the proxy's and the load's cores were (to see other work on a noisy machine)."""
+
+    def __init__(self, ctx: Context, instance: Instance) -> None:
+        self.ctx = ctx
+        self.instance = instance
+        self.t0 = time.monotonic()
+        self.proxy0 = instance.cpu_seconds()
+        self.load0 = ctx.load_cpu_seconds()
+        self.ticks0 = cpu_busy_ticks()
+
+    def finish(self, window: Window) -> None:
+        ctx = self.ctx
+        proxy1, load1, ticks1 = self.instance.cpu_seconds(), ctx.load_cpu_seconds(), cpu_busy_ticks()
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        window.cpu_pct = 100.0 * (proxy1 - self.proxy0) / elapsed
+        window.load_cpu_pct = 100.0 * (load1 - self.load0) / elapsed
+        all_cpus = sorted(ticks1)
+        window.proxy_cores_busy = busy_pct(self.ticks0, ticks1, ctx.proxy_cpus or all_cpus)
+        window.load_cores_busy = busy_pct(self.ticks0, ticks1, ctx.load_cpus or all_cpus)
+
+
 # -- measurement window -----------------------------------------------------------------------
 @dataclass
 class Window:
@@ -459,6 +484,9 @@ class Window:
     dc_mismatch: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    load_cpu_pct: float = float("nan")  # load generators + fake DCs + runner
+    proxy_cores_busy: float = float("nan")  # busy % of the proxy's CPUs (anyone's work)
+    load_cores_busy: float = float("nan")
 
     @property
     def per_core_factor(self) -> float:
@@ -494,17 +522,16 @@ def measure(
     window = Window()
     try:
         time.sleep(settings.warmup)
-        cpu0, t0 = instance.cpu_seconds(), time.monotonic()
+        probe = CpuProbe(ctx, instance)
         ctx.load.go()
-        end = t0 + settings.duration
+        end = time.monotonic() + settings.duration
         while time.monotonic() < end:
             if during is not None:
                 during(instance)
             time.sleep(min(0.05, max(end - time.monotonic(), 0)))
-        cpu1, t1 = instance.cpu_seconds(), time.monotonic()
+        probe.finish(window)
     finally:
         results = ctx.load.stop()
-    window.cpu_pct = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-6)
     for result in results:
         window.elapsed = max(window.elapsed, result["elapsed"])
         for key in ("rx", "tx", "completed", "established"):
@@ -551,6 +578,12 @@ class Context:
         self.load = LoadPool(self)
         self._cached: dict[str, Instance] = {}
         pin(os.getpid(), load_cpus)
+
+    def load_cpu_seconds(self) -> float:
+        """CPU seconds of the load generators, fake DCs and this runner."""
+        pids = [c.proc.pid for c in (*self.load.procs, *self.dc.procs)]
+        own = os.times()
+        return sum(tree_cpu_seconds(pid) for pid in pids) + own.user + own.system
 
     def start(self) -> None:
         self.dc.ensure(self.settings.dc_procs)

@@ -262,6 +262,8 @@ class Client(asyncio.Protocol):
         except RecordError as exc:
             self._fail(str(exc), corrupt=True)
             return
+        if len(pieces) > 1:
+            pieces = [b"".join(pieces)]  # one decrypt and one compare per chunk
         dec = self.dec
         for piece in pieces:
             if self.state != RUN:

@@ -121,6 +121,9 @@ def entry(target: Target, value: float, window: Window | None, rate: bool) -> di
         out["cpu_pct"] = round(window.cpu_pct, 1)
         if rate:
             out["per_core"] = _round(value / window.per_core_factor)
+        out["load_cpu_pct"] = _round(window.load_cpu_pct)
+        out["proxy_cores_busy_pct"] = _round(window.proxy_cores_busy)
+        out["load_cores_busy_pct"] = _round(window.load_cores_busy)
     return out
 
 
@@ -224,9 +227,15 @@ def hold_idle(
     job = {"kind": "idle", "dcs": list(DC_NUMBERS), **job_extra}
     procs = max(s.load_procs, -(-count // SESSIONS_PER_PROCESS))
     # Warm-up: code paths, freelists and the loop's structures get allocated once.
-    warm = measure(ctx, inst, job, min(64, count), "streams")
+    ctx.dc.reset()
+    ready = ctx.load.start(instance_job(ctx, inst, job), min(64, count // 4 + 1), "streams")
+    warm = Window(failed=sum(a.get("failed", 0) for a in ready))
+    for a in ready:
+        warm.samples += a.get("samples", [])
+    ctx.load.go()
+    ctx.load.stop()
     errors, warnings = problems_of(ctx, target, warm)
-    time.sleep(0.3)
+    time.sleep(0.3 if count >= 1000 else 0.05)
     rss0, fds0, _ = inst.memory()
     ctx.dc.reset()
     ready = ctx.load.start(instance_job(ctx, inst, job), count, "streams", procs=procs)

@@ -9,7 +9,10 @@ Exit codes: 0 success (also ``--help``/``--version``), 1 a command failed (the r
 printed as ``mtgworkers: error: <reason>`` on stderr), 2 the command line is wrong (the
 reason and the usage text on stderr).
 
-Modules with heavy imports (config, server, secret) are imported inside the commands, so
+``run`` and ``simple-run`` start the supervisor (``supervisor.run``), which forks the
+worker processes; SIGHUP makes ``run`` re-read its config file.
+
+Modules with heavy imports (config, supervisor, secret) are imported inside the commands, so
 ``--help`` and ``--version`` stay fast and work on a half-installed tree.
 """
 
@@ -120,6 +123,8 @@ Options:
   --dc-override=SPEC                    DC=HOST:PORT: use HOST:PORT instead of the built-in
                                         addresses of Telegram DC number DC (repeatable; several
                                         for one DC are tried in the given order).
+  --workers=N                           Number of worker processes, 0 = one per CPU.
+                                        [default: 0]
 """
 
 GENERATE_SECRET_DOC = f"""\
@@ -180,6 +185,7 @@ _SIMPLE_RUN_FLAGS = {
     "network.proxies": "socks5-proxy",
     "defense.anti-replay.max-size": "antireplay-cache-size",
     "dc-overrides": "dc-override",
+    "supervisor.workers": "workers",
 }
 
 
@@ -326,7 +332,7 @@ def cmd_run(args: Mapping[str, Any]) -> int:
     for key in cfg.deprecated:
         log.warning(deprecation_message(key), extra={"option": key})
     log.debug("configuration", extra={"configuration": cfg.to_json_dict()})
-    return _serve(cfg)
+    return _serve(cfg, os.path.abspath(args["<config>"]))
 
 
 def cmd_simple_run(args: Mapping[str, Any]) -> int:
@@ -343,7 +349,7 @@ def cmd_simple_run(args: Mapping[str, Any]) -> int:
     if args["--tcp-buffer"] is not None:
         log.warning("Option tcp-buffer is deprecated and ignored.", extra={"option": "tcp-buffer"})
     log.debug("configuration", extra={"configuration": cfg.to_json_dict()})
-    return _serve(cfg)
+    return _serve(cfg, None)
 
 
 def simple_run_config(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,6 +381,9 @@ def simple_run_config(args: Mapping[str, Any]) -> dict[str, Any]:
     }
     if args["--domain-fronting-ip"] is not None:
         data["domain-fronting"]["ip"] = args["--domain-fronting-ip"]
+    workers = _integer_flag("workers", args["--workers"])
+    if workers:
+        data["supervisor"] = {"workers": workers}
     overrides = parse_dc_overrides(args["--dc-override"])
     if overrides:
         data["dc-overrides"] = overrides
@@ -412,10 +421,14 @@ def _simple_run_error(message: str) -> str:
     return f"invalid configuration: {message}"
 
 
-def _serve(cfg: Config) -> int:
-    from mtgworkers.server import serve
+def _serve(cfg: Config, config_path: str | None) -> int:
+    """Run the supervisor and its workers; its start-up failures become CliError."""
+    import supervisor
 
-    return serve(cfg)
+    try:
+        return supervisor.run(cfg, config_path)
+    except supervisor.SupervisorError as exc:
+        raise CliError(str(exc)) from None
 
 
 def deprecation_message(key: str) -> str:

@@ -41,6 +41,10 @@ _SENSITIVE_FIELDS = frozenset({"secret", "password"})
 # override them (``message`` is already refused by the logging module itself).
 _FIXED_FIELDS = ("level", "logger", "timestamp", "message")
 
+# mtg field names that are reserved LogRecord attributes: log them with a trailing "_"
+# (``extra={"filename_": ...}``) and they print under mtg's name.
+_FIELD_ALIASES = {"filename_": "filename"}
+
 # LogRecord attributes that are not user fields. ``message`` is set by format().
 _RECORD_ATTRS = frozenset(RESERVED_ATTRS) | {"message", "asctime"}
 
@@ -170,7 +174,7 @@ class MtgJsonFormatter(JsonFormatter):
         for key, value in record.__dict__.items():
             if key in _RECORD_ATTRS or key.startswith("_") or key in _FIXED_FIELDS:
                 continue
-            log_data[key] = value
+            log_data[_FIELD_ALIASES.get(key, key)] = value
         error = log_data.get("error")
         if isinstance(error, BaseException):
             log_data["error"] = error_text(error)

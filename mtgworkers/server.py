@@ -22,13 +22,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mtgworkers import events
 from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
+from mtgworkers.defense.iplist import IPList
+from mtgworkers.defense.updater import IPListUpdater
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import make_resolver
+from mtgworkers.net.http import url_fetcher
 from mtgworkers.session import ClientSession
+from mtgworkers.telegram_updater import PublicConfigUpdater
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from mtgworkers.config import Config
-    from mtgworkers.defense.iplist import IPList
 
 _log = logging.getLogger("mtgworkers")
 _proxy_log = logging.getLogger("mtgworkers.proxy")
@@ -183,8 +188,11 @@ class Worker:
         self.fronting_address = (fronting.host or self.secret.host, fronting.port)
         self.fronting_proxy_protocol = fronting.proxy_protocol
         self.fronting_is_self = False
-        self.allowlist: IPList | None = None
+        # mtg: an enabled allowlist rejects everybody until its first update finishes; a
+        # disabled one allows all (None = no check).
+        self.allowlist: IPList | None = IPList(()) if config.defense.allowlist.enabled else None
         self.blocklist: IPList | None = None
+        self._background: list[asyncio.Task[None]] = []
         self.listen_addresses: list[tuple[str, int]] = []
         self._local_ips: set[str] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -217,6 +225,49 @@ class Worker:
             self._servers.append(server)
         self._last_flush = self.loop.time()
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
+        self._start_updaters()
+
+    def _start_updaters(self) -> None:
+        config = self.config
+        defense = config.defense
+        # Lists and getProxyConfig go through the SOCKS5 proxies, like mtg's HTTP client.
+        fetch = url_fetcher(
+            timeout=config.network.timeout.http, open_socket=self.dialer.open_socket
+        )
+        if defense.blocklist.enabled:
+            self._spawn(
+                IPListUpdater(
+                    "blocklist", defense.blocklist, fetch_url=fetch, on_update=self._set_blocklist
+                ).run()
+            )
+        if defense.allowlist.enabled:
+            self._spawn(
+                IPListUpdater(
+                    "allowlist", defense.allowlist, fetch_url=fetch, on_update=self._set_allowlist
+                ).run()
+            )
+        else:  # mtg's static 0.0.0.0/0 + ::/0 list reports size 2
+            self.events.send(events.EventIPListSize(2, is_blocklist=False))
+        if config.auto_update:
+            self._spawn(
+                PublicConfigUpdater(
+                    fetch_url=fetch,
+                    on_update=lambda family, addrs: self.dc_table.set_auto_addresses(
+                        203, family, addrs
+                    ),
+                ).run()
+            )
+
+    def _set_blocklist(self, iplist: IPList) -> None:
+        self.blocklist = iplist
+        self.events.send(events.EventIPListSize(len(iplist), is_blocklist=True))
+
+    def _set_allowlist(self, iplist: IPList) -> None:
+        self.allowlist = iplist
+        self.events.send(events.EventIPListSize(len(iplist), is_blocklist=False))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._background.append(self.loop.create_task(coro))
 
     def stop_accepting(self) -> None:
         """Stop accepting new connections; running sessions go on.
@@ -241,6 +292,11 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop accepting and cut every session (mtg's shutdown)."""
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+            self._background.clear()
         for server in self._servers:
             server.close()
         if self._sweeper is not None:

@@ -53,7 +53,8 @@ class Notifier:
         except OSError as exc:
             if not self._failed:  # once: a vanished socket would otherwise log every second
                 _log.warning(
-                    "cannot notify systemd", extra={"notify_socket": self.address, "error": str(exc)}
+                    "cannot notify systemd",
+                    extra={"notify_socket": self.address, "error": str(exc)},
                 )
             self._failed = True
             return False

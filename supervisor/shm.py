@@ -172,7 +172,7 @@ def remove_stale_segments(directory: str | None = None) -> list[str]:
     A file whose supervisor PID is alive is kept (it may be another running proxy).
     """
     directory = directory or shm_dir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -231,7 +231,9 @@ class Scoreboard:
         self._header = view[:HEADER_SIZE]
         self._hwm = view[16:20].cast("I")
         self._sessions = view[HEADER_SIZE : HEADER_SIZE + 8 * cells].cast("Q")
-        self._records = view[HEADER_SIZE + 8 * cells : HEADER_SIZE + 8 * cells + RECORD_SIZE * cells]
+        self._records = view[
+            HEADER_SIZE + 8 * cells : HEADER_SIZE + 8 * cells + RECORD_SIZE * cells
+        ]
         self._free = list(range(cells - 1, -1, -1))  # supervisor only; pop() gives the lowest
 
     @staticmethod
@@ -431,9 +433,7 @@ class ReplayCache:
         self.error_rate = error_rate
 
     @classmethod
-    def create(
-        cls, max_size: int, error_rate: float, directory: str | None = None
-    ) -> ReplayCache:
+    def create(cls, max_size: int, error_rate: float, directory: str | None = None) -> ReplayCache:
         """Create the segment and an empty filter in it. Raises OSError, ValueError."""
         segment = Segment("replay", StableBloomFilter.buffer_size(max_size), directory)
         try:

@@ -266,3 +266,21 @@ def test_lines_reach_a_pipe_immediately() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_reserved_record_names_print_under_mtgs_name() -> None:
+    import io
+    import json
+    import logging
+
+    from mtgworkers import logs
+
+    out = io.StringIO()
+    logs.setup(True, out)
+    logs.get_logger("blocklist.ipblockist.firehol").warning(
+        "update has failed", extra={"filename_": "/etc/list.netset"}
+    )
+    line = json.loads(out.getvalue().splitlines()[-1])
+    assert line["filename"] == "/etc/list.netset"
+    assert "filename_" not in line
+    logging.getLogger().handlers.clear()

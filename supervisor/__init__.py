@@ -1,0 +1,36 @@
+"""Process management: a supervisor (the arbiter) forking uvloop worker processes.
+
+``supervisor.run(config, config_path)`` is what ``mtgworkers run`` and ``simple-run``
+call. Layout of the package:
+
+- ``arbiter.py``   the supervisor's single loop: signals, spawning, reaping, reloads;
+- ``worker.py``    what runs in a forked worker process;
+- ``shm.py``       shared memory: scoreboard (sessions per worker, samples) and the
+                   replay cache, with their byte layouts;
+- ``listeners.py`` the per-slot SO_REUSEPORT listening sockets;
+- ``notify.py``    systemd readiness notifications;
+- ``procstats.py`` psutil samples of the workers;
+- ``pidfile.py``   the optional pid file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from supervisor.arbiter import Arbiter, SupervisorError
+
+if TYPE_CHECKING:
+    from mtgworkers.config import Config
+
+__all__ = ["Arbiter", "SupervisorError", "run"]
+
+
+def run(config: Config, config_path: str | None = None) -> int:
+    """Run the proxy with a supervisor and ``[supervisor] workers`` worker processes.
+
+    ``config_path`` is re-read on SIGHUP (None for simple-run: SIGHUP then replaces the
+    workers with the same configuration). Blocks until shutdown and returns the exit
+    status (0). Raises :class:`SupervisorError` when the proxy cannot start or a worker
+    cannot boot; every worker is stopped by then.
+    """
+    return Arbiter(config, config_path).run()

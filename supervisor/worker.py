@@ -1,0 +1,259 @@
+"""What runs in a forked worker process: one uvloop loop serving one slot's socket.
+
+The supervisor forks and calls :func:`worker_main` in the child, which never returns: it
+ends the process with ``os._exit`` so that nothing of the supervisor's stack (its loop,
+its ``finally`` blocks, ``atexit`` handlers) runs in the worker.
+
+Talking to the supervisor:
+
+- the *report pipe* (worker -> supervisor): one JSON line, ``{"event": "ready"}`` once the
+  worker accepts on its socket, or ``{"event": "error", "error": "..."}`` when it cannot
+  boot (then it exits with :data:`WORKER_BOOT_ERROR`);
+- signals (supervisor -> worker): SIGTERM drains (stop accepting, let sessions end for
+  the drain time the supervisor wrote into the scoreboard, then cut the rest), SIGQUIT
+  stops at once; SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2 are ignored (they are meant for
+  the supervisor, and a terminal sends some of them to the whole process group); SIGUSR1
+  reopens log files (stdout: nothing to do);
+- the *life pipe*: the worker holds its read end, only the supervisor holds the write
+  end, so end-of-file means the supervisor is gone. Together with
+  ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` and a parent-PID check every second this makes
+  sure no worker outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+from mtgworkers.defense.antireplay import NoopFilter
+
+if TYPE_CHECKING:
+    from mtgworkers.config import Config
+    from mtgworkers.server import ReplayFilter, Worker
+    from supervisor.shm import ReplayCache, Scoreboard
+
+__all__ = ["WORKER_BOOT_ERROR", "WORKER_CRASHED", "WorkerSpec", "worker_main"]
+
+# Exit statuses of a worker process (0: it stopped because it was told to).
+WORKER_CRASHED = 1  # an unexpected exception after boot
+WORKER_BOOT_ERROR = 3  # could not start serving; the reason went to the report pipe
+
+PR_SET_PDEATHSIG = 1
+PARENT_CHECK_EVERY = 1.0
+
+# Signals that a worker must survive although they are not for it.
+IGNORED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+_log = logging.getLogger("mtgworkers.worker")
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker process gets from the supervisor (inherited through fork)."""
+
+    slot: int
+    generation: int
+    cell: int  # its scoreboard cell (session counter)
+    config: Config
+    sock: socket.socket  # the slot's listening socket
+    report_fd: int  # write end of its report pipe
+    life_fd: int  # read end of the life pipe
+    supervisor_pid: int
+    scoreboard: Scoreboard
+    replay: ReplayCache | None
+    close_fds: tuple[int, ...] = ()  # supervisor descriptors the worker must not keep
+    close_sockets: tuple[socket.socket, ...] = ()  # other slots' sockets
+
+
+def worker_main(spec: WorkerSpec) -> NoReturn:
+    """Run a worker in a freshly forked child; ends the process, never returns."""
+    code = WORKER_CRASHED
+    try:
+        _detach_from_supervisor(spec)
+        code = _serve(spec)
+    except BaseException as exc:  # the exit code says it; keep the reason in the log
+        with contextlib.suppress(Exception):
+            _log.error("worker crashed", extra={"error": repr(exc)}, exc_info=exc)
+    finally:
+        with contextlib.suppress(Exception):
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _detach_from_supervisor(spec: WorkerSpec) -> None:
+    """Undo what the child inherited from the supervisor that a worker must not have."""
+    # The supervisor's signal handlers only enqueue and wake the supervisor's own loop.
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != spec.supervisor_pid:  # it died before prctl() took effect
+        os._exit(0)
+    for fd in spec.close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for sock in spec.close_sockets:
+        sock.close()  # only this process's copy; the slot lives on in the supervisor
+    field = WorkerField(spec.slot)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(field)
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies (prctl).
+
+    Returns False where that is not available (not Linux, no libc); the life pipe and
+    the parent-PID check still stop the worker there.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class WorkerField(logging.Filter):
+    """Adds ``worker`` (the slot number) to every log record of a worker process."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.slot
+        return True
+
+
+def _report(fd: int, **message: object) -> None:
+    try:
+        os.write(fd, json.dumps(message).encode() + b"\n")
+    except OSError:  # the supervisor is gone: the life pipe will stop us
+        pass
+
+
+def _serve(spec: WorkerSpec) -> int:
+    import uvloop
+
+    from mtgworkers.server import StartupError, Worker
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        try:
+            replay_filter: ReplayFilter = (
+                spec.replay.open_filter() if spec.replay is not None else NoopFilter()
+            )
+            limiter = spec.scoreboard.limiter(spec.cell, spec.config.concurrency)
+            worker = Worker(spec.config, loop, replay_filter=replay_filter, limiter=limiter)
+            loop.run_until_complete(worker.start(sockets=[spec.sock]))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+            _report(spec.report_fd, event="error", error=reason)
+            return WORKER_BOOT_ERROR
+        lifecycle = _Lifecycle(worker, spec, loop)
+        lifecycle.install()
+        _report(spec.report_fd, event="ready")
+        _log.debug("worker is serving", extra={"generation": spec.generation})
+        loop.run_until_complete(lifecycle.done)
+        return 0
+    finally:
+        loop.close()
+
+
+class _Lifecycle:
+    """The worker's reactions to signals and to the supervisor's death."""
+
+    def __init__(self, worker: Worker, spec: WorkerSpec, loop: asyncio.AbstractEventLoop):
+        self.worker = worker
+        self.spec = spec
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._task: asyncio.Task[None] | None = None
+        self._immediate = False
+        self._watch: asyncio.TimerHandle | None = None
+
+    def install(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, self.graceful)
+        loop.add_signal_handler(signal.SIGQUIT, self.immediate, "SIGQUIT")
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        loop.add_reader(self.spec.life_fd, self.parent_gone)
+        self._watch = loop.call_later(PARENT_CHECK_EVERY, self.check_parent)
+
+    def graceful(self) -> None:
+        """SIGTERM: drain for the time the supervisor set (else graceful-timeout)."""
+        if self._task is not None:
+            return
+        timeout = self.spec.scoreboard.drain_timeout(self.spec.cell)
+        if timeout <= 0:
+            timeout = self.spec.config.supervisor.graceful_timeout
+        _log.debug(
+            "worker stops accepting and drains",
+            extra={"sessions": len(self.worker.sessions), "timeout": timeout},
+        )
+        self._task = self.loop.create_task(self._drain(timeout))
+
+    def immediate(self, reason: str) -> None:
+        """SIGQUIT or supervisor gone: close every session now."""
+        if self._immediate:
+            return
+        self._immediate = True
+        if self._task is not None:
+            self._task.cancel()
+        _log.debug("worker stops at once", extra={"reason": reason})
+        self._task = self.loop.create_task(self._stop())
+
+    def reopen_logs(self) -> None:
+        # Logs go to stdout, which the supervisor's manager (systemd, docker) owns.
+        _log.debug("SIGUSR1: logging to stdout, nothing to reopen")
+
+    def parent_gone(self) -> None:
+        self.loop.remove_reader(self.spec.life_fd)
+        _log.warning("supervisor is gone; worker stops at once")
+        self.immediate("supervisor gone")
+
+    def check_parent(self) -> None:
+        if os.getppid() != self.spec.supervisor_pid:
+            self.parent_gone()
+            return
+        self._watch = self.loop.call_later(PARENT_CHECK_EVERY, self.check_parent)
+
+    async def _drain(self, timeout: float) -> None:
+        cut = await self.worker.drain(timeout)
+        if cut:
+            _log.warning(
+                "graceful-timeout passed; closing the remaining sessions",
+                extra={"sessions": cut, "timeout": timeout},
+            )
+        self._finish()
+
+    async def _stop(self) -> None:
+        await self.worker.stop()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
