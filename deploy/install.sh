@@ -11,15 +11,18 @@
 # - installs and starts the systemd unit (or, without systemd, runs the proxy in the
 #   foreground);
 # - prints the tg:// and t.me links for clients.
+#
+# MTGW_PREFIX and MTGW_CONFIG change the install and config paths; MTGW_NO_START=1 installs
+# and configures without starting anything (used by the test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FRONT_HOST="${1:-www.cloudflare.com}"
 PORT="${PORT:-443}"
-PREFIX=/opt/mtgworkers
-CONFIG=/etc/mtgworkers/config.toml
+PREFIX="${MTGW_PREFIX:-/opt/mtgworkers}"
+CONFIG="${MTGW_CONFIG:-/etc/mtgworkers/config.toml}"
 
-if [ "$(id -u)" != 0 ]; then
+if [ "$(id -u)" != 0 ] && [ -z "${MTGW_NO_START:-}" ]; then
   echo "install.sh: run as root (sudo bash deploy/install.sh)" >&2
   exit 1
 fi
@@ -54,6 +57,11 @@ fi
 
 echo "client links:"
 "$PREFIX/venv/bin/mtgworkers" access "$CONFIG" || true
+
+if [ -n "${MTGW_NO_START:-}" ]; then
+  echo "installed into $PREFIX; not started (MTGW_NO_START is set)"
+  exit 0
+fi
 
 if [ -d /run/systemd/system ]; then
   install -m 0644 deploy/mtgworkers.service /etc/systemd/system/mtgworkers.service
