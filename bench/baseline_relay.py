@@ -58,6 +58,7 @@ def canned_welcome() -> bytes:
 
 
 WELCOME = canned_welcome()
+DIALS: set[asyncio.Future[None]] = set()
 
 
 class Pipe(asyncio.Protocol):
@@ -125,7 +126,9 @@ class ClientConn(asyncio.Protocol):
         if self.state == 1 and self._frame_complete():
             self.state = 2
             self.transport.pause_reading()
-            asyncio.ensure_future(self._dial())
+            task = asyncio.ensure_future(self._dial())
+            DIALS.add(task)  # keep a reference until done (the loop holds only a weak one)
+            task.add_done_callback(DIALS.discard)
 
     def _frame_complete(self) -> bool:
         """True once the buffered records hold 64 ApplicationData payload bytes."""
@@ -145,9 +148,7 @@ class ClientConn(asyncio.Protocol):
         host, port = next(self.relay.dcs)
         client = self.transport
         try:
-            upstream, _ = await loop.create_connection(
-                lambda: Pipe(self, client), host, port
-            )
+            upstream, _ = await loop.create_connection(lambda: Pipe(self, client), host, port)
         except OSError:
             self.close()
             return

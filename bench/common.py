@@ -92,6 +92,10 @@ MODE_ECHO = ord("E")  # echo; count > 0: close after echoing count bytes
 MODE_SINK = ord("S")  # verify and drop; ack the verified total every `count` bytes
 MODE_SOURCE = ord("K")  # send pattern bytes; count > 0: that many, then close
 ACK = struct.Struct("<Q")
+# Load generator counters shared with the runner through a small mmap'd file:
+# rx, tx, completed, established, failed, corrupt, open connections, reserved.
+COUNTERS = struct.Struct("<8Q")
+COUNTER_NAMES = ("rx", "tx", "completed", "established", "failed", "corrupt", "open")
 
 
 def control_header(mode: int, dc: int, count: int = 0) -> bytes:
@@ -166,7 +170,7 @@ def wrap(data: bytes) -> bytes:
     n = len(data)
     if n <= MAX_RECORD_PAYLOAD:
         return b"\x17\x03\x03" + n.to_bytes(2, "big") + data
-    parts = []
+    parts: list[bytes | memoryview] = []
     view = memoryview(data)
     for pos in range(0, n, MAX_RECORD_PAYLOAD):
         piece = view[pos : pos + MAX_RECORD_PAYLOAD]
@@ -305,12 +309,14 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process and all its descendants."""
+    """user + system CPU seconds of a process tree, including descendants that already
+    exited and were reaped (the kernel adds those to their reaper's children times), so
+    the total never goes down when a supervisor retires a worker."""
     total = 0.0
     for proc in process_tree(pid):
         with contextlib.suppress(psutil.Error):
             t = proc.cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
@@ -371,18 +377,27 @@ def taskset_prefix(cpus: Sequence[int] | None) -> list[str]:
     return []
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid`` (orphans included)."""
+    members = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+    return members
+
+
 def kill_tree(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
-    """SIGTERM the process group we created for ``proc`` (and any descendant that left it),
-    then SIGKILL whatever is still alive after ``timeout``. Never raises."""
-    if proc.poll() is not None and not process_tree(proc.pid):
-        return
-    members = process_tree(proc.pid)
+    """End everything ``proc`` started: its process tree and its process group (we start
+    every child in a new session, so orphans whose parent already died are found there).
+    SIGTERM first, SIGKILL after ``timeout``. Never raises."""
+    members = {p.pid: p for p in process_tree(proc.pid) + group_members(proc.pid)}
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    for member in members:
+    for member in members.values():
         with contextlib.suppress(psutil.Error):
             member.terminate()
-    _, alive = psutil.wait_procs(members, timeout=timeout)
+    _, alive = psutil.wait_procs(list(members.values()), timeout=timeout)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     for member in alive:

@@ -8,12 +8,15 @@ Everything started here runs in its own process group and is killed (whole tree)
 from __future__ import annotations
 
 import contextlib
+import itertools
+import mmap
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    COUNTER_NAMES,
+    COUNTERS,
     REPO_ROOT,
     ChildChannel,
     busy_pct,
@@ -38,7 +43,9 @@ from bench.common import (
 )
 
 DC_NUMBERS = (1, 2, 3, 4, 5)
-BENCH_HOST = "bench.test"
+# The secret's host name: the proxy resolves it at start (SNI-DNS check); "localhost" is
+# answered from /etc/hosts, so no DNS query leaves the machine.
+BENCH_HOST = "localhost"
 SESSIONS_PER_PROCESS = 15000  # load/DC process capacity (20k open files each here)
 
 
@@ -60,10 +67,10 @@ class Settings:
     rtt_think: float = 0.001
     idle_small: int = 1000
     idle_large: int = 9000
-    max_workers: int = 4
-    max_sessions_cap: int = 38000
-    max_sessions_step: int = 4000
-    max_sessions_time: float = 150.0
+    max_workers: int = 6
+    max_sessions_cap: int = 54000
+    max_sessions_step: int = 6000
+    max_sessions_time: float = 240.0
     pool_workers: int = 2
     reload_every: float = 0.5
     load_procs: int = 2
@@ -72,12 +79,13 @@ class Settings:
     start_timeout: float = 15.0
     probe_wait: float = 3.0
     strict_failures: bool = False  # smoke: any failed connection fails the scenario
+    fresh_for_memory: bool = True  # memory scenarios start their own instance
 
     @classmethod
     def smoke(cls) -> Settings:
         return cls(
-            duration=0.25,
-            warmup=0.05,
+            duration=0.2,
+            warmup=0.02,
             repeats=1,
             streams_many=8,
             window_one=64 * 1024,
@@ -96,6 +104,7 @@ class Settings:
             start_timeout=8.0,
             probe_wait=0.6,
             strict_failures=True,
+            fresh_for_memory=False,
         )
 
 
@@ -121,6 +130,7 @@ class Instance:
         self.port = port
         self.log_path = log_path
         self.verify_hmac = True
+        self.max_record = 16379
         self.on_close: list[Callable[[], object]] = []
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
@@ -174,6 +184,7 @@ class Target:
     key = "target"
     label = "target"
     verify_hmac = True
+    max_record = 16379  # mtg's largest record payload; other proxies may use TLS's 2^14 + 256
 
     def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
         raise NotImplementedError
@@ -185,12 +196,13 @@ class Target:
     def launch(self, ctx: Context, **options: Any) -> Instance:
         port = free_port()
         argv, env = self.argv(ctx, port, options)
-        ctx.launch_count += 1
-        log = ctx.tmp / f"{self.key}-{ctx.launch_count}.log"
+        log = ctx.tmp / f"{self.key}-{next(ctx.launch_ids)}.log"
         inst = Instance(
             self.label, argv, port, log, ctx.proxy_cpus, env, ctx.settings.start_timeout
         )
         inst.verify_hmac = self.verify_hmac
+        inst.max_record = self.max_record
+        ctx.every_instance.append(inst)  # closed with the context whatever happens
         return inst
 
 
@@ -211,7 +223,7 @@ def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
         "",
         "[dc-overrides]",
     ]
-    for dc, dc_port in zip(DC_NUMBERS, ctx.dc_ports):
+    for dc, dc_port in zip(DC_NUMBERS, ctx.dc_ports, strict=True):
         lines.append(f'{dc} = ["127.0.0.1:{dc_port}"]')
     if options.get("workers"):
         lines += ["", "[supervisor]", f"workers = {int(options['workers'])}"]
@@ -261,6 +273,7 @@ class CompareTarget(Target):
     """Any command line; see bench/README.md for the placeholders."""
 
     key = "compare"
+    max_record = 16384 + 256  # TLS's limit (mtprotoproxy writes 16408-byte records)
 
     def __init__(self, template: str, label: str = "compare") -> None:
         self.template = template
@@ -287,6 +300,8 @@ class CompareTarget(Target):
                 f"--compare: bad placeholder {exc}; known: {', '.join(sorted(values))}"
             ) from None
         env = {f"BENCH_{k.upper()}": v for k, v in values.items()}
+        if not any(op in command for op in (";", "&", "|", "\n", "(")):
+            command = "exec " + command  # the proxy itself is the root: signals reach it
         return ["/bin/sh", "-c", command], env
 
     def declares(self, feature: str) -> bool | None:
@@ -361,11 +376,13 @@ class DCPool:
 
 
 class LoadPool:
-    """Load generator processes (``bench.loadgen``)."""
+    """Load generator processes (``bench.loadgen``), each publishing its counters to a
+    small shared file that the runner reads at the edges of a measurement window."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.procs: list[ChildChannel] = []
+        self.boards: list[mmap.mmap] = []
         self.active: list[ChildChannel] = []
 
     def ensure(self, count: int) -> None:
@@ -373,7 +390,11 @@ class LoadPool:
         while len(self.procs) < count:
             name = f"loadgen-{len(self.procs)}"
             log = self.ctx.tmp / f"{name}.log"
-            argv = [sys.executable, "-m", "bench.loadgen"]
+            board_path = self.ctx.tmp / f"{name}.counters"
+            board_path.write_bytes(bytes(COUNTERS.size))
+            with open(board_path, "rb") as f:
+                self.boards.append(mmap.mmap(f.fileno(), COUNTERS.size, access=mmap.ACCESS_READ))
+            argv = [sys.executable, "-m", "bench.loadgen", "--counters", str(board_path)]
             channel = ChildChannel(name, argv, log, self.ctx.load_cpus)
             self.procs.append(channel)
             new.append(channel)
@@ -388,7 +409,7 @@ class LoadPool:
         self.ensure(count)
         shares = split_count(total, count)
         self.active = self.procs[:count]
-        for channel, share in zip(self.active, shares):
+        for channel, share in zip(self.active, shares, strict=True):
             channel.send({"cmd": "start", "job": dict(job, **{split_key: share})})
         timeout = self.ctx.settings.setup_timeout + 15.0
         deadline = time.monotonic() + timeout
@@ -405,7 +426,7 @@ class LoadPool:
 
     def grow(self, total: int, timeout: float) -> list[dict[str, Any]]:
         shares = split_count(total, len(self.active))
-        for channel, share in zip(self.active, shares):
+        for channel, share in zip(self.active, shares, strict=True):
             channel.send({"cmd": "grow", "n": share, "timeout": timeout})
         deadline = time.monotonic() + timeout + 15.0
         answers = []
@@ -418,6 +439,15 @@ class LoadPool:
                 if answer.get("event") == "error":
                     raise RuntimeError(f"{channel.describe()}: {answer.get('message')}")
         return answers
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters of the active load processes, summed (read from the shared files)."""
+        total = dict.fromkeys(COUNTER_NAMES, 0)
+        for channel in self.active:
+            values = COUNTERS.unpack_from(self.boards[self.procs.index(channel)], 0)
+            for name, value in zip(COUNTER_NAMES, values, strict=False):
+                total[name] += value
+        return total
 
     def go(self) -> None:
         for channel in self.active:
@@ -442,6 +472,9 @@ class LoadPool:
         for channel in self.procs:
             channel.close()
         self.procs = []
+        for board in self.boards:
+            board.close()
+        self.boards = []
 
 
 class CpuProbe:
@@ -456,15 +489,20 @@ class CpuProbe:
         self.load0 = ctx.load_cpu_seconds()
         self.ticks0 = cpu_busy_ticks()
 
-    def finish(self, window: Window) -> None:
+    def finish(self, window: Window) -> float:
         ctx = self.ctx
-        proxy1, load1, ticks1 = self.instance.cpu_seconds(), ctx.load_cpu_seconds(), cpu_busy_ticks()
+        proxy1, load1, ticks1 = (
+            self.instance.cpu_seconds(),
+            ctx.load_cpu_seconds(),
+            cpu_busy_ticks(),
+        )
         elapsed = max(time.monotonic() - self.t0, 1e-6)
         window.cpu_pct = 100.0 * (proxy1 - self.proxy0) / elapsed
         window.load_cpu_pct = 100.0 * (load1 - self.load0) / elapsed
         all_cpus = sorted(ticks1)
         window.proxy_cores_busy = busy_pct(self.ticks0, ticks1, ctx.proxy_cpus or all_cpus)
         window.load_cores_busy = busy_pct(self.ticks0, ticks1, ctx.load_cpus or all_cpus)
+        return elapsed
 
 
 # -- measurement window -----------------------------------------------------------------------
@@ -494,10 +532,21 @@ class Window:
         return max(self.cpu_pct, 1.0) / 100.0
 
 
+TRACE = bool(os.environ.get("BENCH_TRACE"))
+_T0 = time.monotonic()
+
+
+def trace(message: str) -> None:
+    """Timestamped progress on stderr when BENCH_TRACE is set."""
+    if TRACE:
+        sys.stderr.write(f"[{time.monotonic() - _T0:8.3f}] {message}\n")
+
+
 def instance_job(ctx: Context, instance: Instance, job: dict[str, Any]) -> dict[str, Any]:
     """``job`` aimed at ``instance``."""
     out = dict(job, host="127.0.0.1", port=instance.port, secret=ctx.secret)
     out["verify_hmac"] = instance.verify_hmac
+    out["max_record"] = instance.max_record
     out.setdefault("setup_timeout", ctx.settings.setup_timeout)
     return out
 
@@ -518,24 +567,29 @@ def measure(
     settings = ctx.settings
     ctx.dc.reset()
     job = instance_job(ctx, instance, job)
+    trace(f"measure {instance.name} {job['kind']} x{total}: start")
     ctx.load.start(job, total, split_key)
+    trace("  ready")
     window = Window()
     try:
         time.sleep(settings.warmup)
+        ctx.load.go()  # opens the latency window (rtt samples)
+        before = ctx.load.snapshot()
         probe = CpuProbe(ctx, instance)
-        ctx.load.go()
         end = time.monotonic() + settings.duration
         while time.monotonic() < end:
             if during is not None:
                 during(instance)
             time.sleep(min(0.05, max(end - time.monotonic(), 0)))
-        probe.finish(window)
+        after = ctx.load.snapshot()
+        window.elapsed = probe.finish(window)
     finally:
+        trace("  window closed")
         results = ctx.load.stop()
+        trace("  stopped")
+    for key in ("rx", "tx", "completed", "established"):
+        setattr(window, key, after[key] - before[key])
     for result in results:
-        window.elapsed = max(window.elapsed, result["elapsed"])
-        for key in ("rx", "tx", "completed", "established"):
-            setattr(window, key, getattr(window, key) + result.get(key, 0))
         # totals since the job started: set-up failures count too
         window.failed += result.get("total_failed", 0)
         window.corrupt += result.get("total_corrupt", 0)
@@ -545,6 +599,7 @@ def measure(
     window.dc_errors = dc.get("errors", 0)
     window.dc_mismatch = dc.get("dc_mismatch", 0)
     window.samples += [f"fake DC: {s}" for s in dc.get("samples", [])]
+    trace("  dc stats")
     if not instance.alive():
         window.samples.append(f"{instance.name} exited during the measurement")
         window.failed += 1
@@ -572,7 +627,8 @@ class Context:
         self.secret = "ee" + os.urandom(16).hex() + BENCH_HOST.encode().hex()
         self.dc_ports = [free_port() for _ in DC_NUMBERS]
         self.dc_tls_ports = [free_port() for _ in DC_NUMBERS]
-        self.launch_count = 0
+        self.launch_ids = itertools.count(1)
+        self.every_instance: list[Instance] = []
         self.features: dict[tuple[str, str], tuple[bool, str]] = {}
         self.dc = DCPool(self)
         self.load = LoadPool(self)
@@ -585,9 +641,20 @@ class Context:
         own = os.times()
         return sum(tree_cpu_seconds(pid) for pid in pids) + own.user + own.system
 
-    def start(self) -> None:
+    def start(self, features: Sequence[str] = ("workers", "metrics", "sighup")) -> None:
+        """Start the helper pools and probe the targets' features, all at once."""
+        jobs = [
+            threading.Thread(target=self.supports, args=(target, feature), daemon=True)
+            for target in self.targets
+            for feature in features
+            if target.declares(feature) is None
+        ]
+        for job in jobs:
+            job.start()
         self.dc.ensure(self.settings.dc_procs)
         self.load.ensure(self.settings.load_procs)
+        for job in jobs:
+            job.join(self.settings.start_timeout + 30)
 
     def instance(self, target: Target) -> Instance:
         """A running default instance of ``target``, reused between scenarios."""
@@ -596,9 +663,36 @@ class Context:
             return inst
         if inst is not None:
             inst.close()
-        inst = target.launch(self)
+        inst = self.launch(target)
         self._cached[target.key] = inst
         return inst
+
+    def launch(self, target: Target, **options: Any) -> Instance:
+        """Start ``target`` and wait until a whole session works through it (a listening
+        socket is not enough: a supervisor may listen before its workers serve).
+
+        The default is one worker for targets with a worker pool."""
+        if "workers" not in options and self.supports(target, "workers")[0]:
+            options["workers"] = 1
+        trace(f"launch {target.label} {options}")
+        inst = target.launch(self, **options)
+        trace("  listening")
+        try:
+            self.wait_serving(inst)
+            trace("  serving")
+        except BaseException:
+            inst.close()
+            raise
+        return inst
+
+    def wait_serving(self, inst: Instance) -> None:
+        job = instance_job(self, inst, {"kind": "idle", "dcs": [2]})
+        job["timeout"] = job["setup_timeout"] = self.settings.start_timeout
+        ready = self.load.start(job, 1, "streams", procs=1)
+        answers = self.load.stop()
+        if not ready[0].get("ok"):
+            samples = "; ".join(ready[0].get("samples", []) + answers[0].get("samples", []))
+            raise StartError(f"{inst.name} does not relay a session: {samples}\n{inst.tail()}")
 
     def drop_instances(self) -> None:
         for inst in self._cached.values():
@@ -618,6 +712,8 @@ class Context:
 
     def close(self) -> None:
         self.drop_instances()
+        for inst in self.every_instance:
+            inst.close()
         self.load.close()
         self.dc.close()
         if not self.keep_tmp:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import mmap
 import resource
 import socket
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 from bench.common import (
     ACK,
     CCS_RECORD,
+    COUNTERS,
     MODE_ECHO,
     MODE_SINK,
     MODE_SOURCE,
@@ -66,8 +68,9 @@ WELCOME, RUN, DONE, CLOSED = 0, 1, 2, 3
 class Job:
     """Settings and counters shared by all connections of this process."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], board: mmap.mmap | None = None) -> None:
         self.spec = spec
+        self.board = board
         self.kind: str = spec["kind"]
         self.host: str = spec["host"]
         self.port: int = spec["port"]
@@ -84,6 +87,7 @@ class Job:
         self.dcs: list[int] = list(spec.get("dcs", [2]))
         self.src_ips: list[str] = list(spec.get("src_ips", []))
         self.open_concurrency = int(spec.get("open_concurrency", 128))
+        self.max_record = int(spec.get("max_record", 16379))
         self.refill = self.kind == "stream" and self.mode != MODE_SOURCE
         self._dc_i = 0
         self._src_i = 0
@@ -113,6 +117,24 @@ class Job:
     def note(self, message: str) -> None:
         if len(self.samples) < MAX_SAMPLES:
             self.samples.append(message)
+
+    def publish(self) -> None:
+        """Copy the counters to the shared board the runner reads at its window edges (so
+        the window does not depend on when this busy loop gets to read a command)."""
+        board = self.board
+        if board is not None:
+            COUNTERS.pack_into(
+                board,
+                0,
+                self.rx,
+                self.tx,
+                self.completed,
+                self.established,
+                self.failed,
+                self.corrupt,
+                len(self.clients),
+                0,
+            )
 
     def counters(self) -> dict[str, int]:
         return {
@@ -155,7 +177,7 @@ class Client(asyncio.Protocol):
         self.state = WELCOME
         self.transport: Any = None
         self.wbuf = bytearray()
-        self.records = RecordStream()
+        self.records = RecordStream(job.max_record)
         self.enc: Any = None
         self.dec: Any = None
         self.random = b""
@@ -183,6 +205,7 @@ class Client(asyncio.Protocol):
             self._welcome(data)
         elif self.state == DONE and data:
             self._fail("bytes after the expected echo", corrupt=True)
+        self.job.publish()
 
     def eof_received(self) -> bool:
         return False
@@ -205,6 +228,7 @@ class Client(asyncio.Protocol):
             self._resolve(False)
         else:
             self._resolve(False)
+        job.publish()
 
     def pause_writing(self) -> None:  # never expected: every kind bounds what is in flight
         pass
@@ -262,10 +286,11 @@ class Client(asyncio.Protocol):
         except RecordError as exc:
             self._fail(str(exc), corrupt=True)
             return
-        if len(pieces) > 1:
-            pieces = [b"".join(pieces)]  # one decrypt and one compare per chunk
+        chunks: list[bytes | memoryview] = list(pieces)
+        if len(chunks) > 1:
+            chunks = [b"".join(chunks)]  # one decrypt and one compare per chunk
         dec = self.dec
-        for piece in pieces:
+        for piece in chunks:
             if self.state != RUN:
                 if self.state == DONE:
                     self._fail("bytes after the expected echo", corrupt=True)
@@ -473,7 +498,8 @@ def emit(message: dict[str, Any]) -> None:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, board: mmap.mmap | None) -> None:
+        self.board = board
         self.job: Job | None = None
         self.tasks: list[asyncio.Future[Any]] = []
         self.window_start = 0.0
@@ -481,7 +507,8 @@ class Worker:
 
     async def start(self, spec: dict[str, Any]) -> None:
         await self.teardown()
-        job = self.job = Job(spec)
+        job = self.job = Job(spec, self.board)
+        job.publish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(spec.get("setup_timeout", 60.0))
         if job.kind == "handshake":
@@ -548,11 +575,11 @@ class Worker:
         self.job = None
 
 
-async def command_loop() -> None:
+async def command_loop(board: mmap.mmap | None) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    worker = Worker()
+    worker = Worker(board)
     emit({"event": "hello"})
     pending: set[asyncio.Future[Any]] = set()
     while True:
@@ -589,15 +616,19 @@ def _report_crash(task: asyncio.Future[Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description="benchmark load generator (driven by bench.run)").parse_args(
-        argv
-    )
+    parser = argparse.ArgumentParser(description="benchmark load generator (driven by bench.run)")
+    parser.add_argument("--counters", help="file the counters are published to (mmap)")
+    args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    board = None
+    if args.counters:
+        with open(args.counters, "r+b") as f:
+            board = mmap.mmap(f.fileno(), COUNTERS.size)
     import uvloop
 
-    uvloop.run(command_loop())
+    uvloop.run(command_loop(board))
     return 0
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
+DASH = "\u2013"  # en dash: an empty cell
+TIMES = "\u00d7"  # multiplication sign: a ratio
 
 RESULTS_START = "<!-- bench:results:start -->"
 RESULTS_END = "<!-- bench:results:end -->"
@@ -25,7 +27,7 @@ TARGETS = [
 
 def _num(value: Any) -> str:
     if value is None:
-        return "–"
+        return DASH
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
     if isinstance(value, (int, float)):
@@ -91,7 +93,7 @@ def row(result: Result, keys: list[str] | None = None) -> str:
     keys = keys or target_keys([result]) or ["proxy"]
     cells = [f"`{result['scenario']}` {result['title']}", result["unit"]]
     if result["status"] == "skipped":
-        blanks = ["–"] * (3 + 3 * len(keys))
+        blanks = [DASH] * (2 + 3 * len(keys))
         return "| " + " | ".join([*cells, *blanks, f"skipped: {result['reason']}"]) + " |"
     res = result.get("results", {})
     ratio = result.get("ratio", {})
@@ -103,7 +105,7 @@ def row(result: Result, keys: list[str] | None = None) -> str:
         if note:
             notes.append(note if len(keys) == 1 else f"{data.get('label', key)}: {note}")
     base = res.get("baseline", {})
-    cells += [_cell(base), _num(base.get("per_core")), "1"] if base else ["–", "–", "–"]
+    cells += [_cell(base), _num(base.get("per_core"))] if base else [DASH, DASH]
     if result["status"] == "failed":
         notes.insert(0, f"FAILED: {result.get('reason', '')[:300]}")
     return "| " + " | ".join([*cells, "; ".join(notes).replace("|", "/")]) + " |"
@@ -111,7 +113,7 @@ def row(result: Result, keys: list[str] | None = None) -> str:
 
 def _cell(data: dict[str, Any]) -> str:
     if not data:
-        return "–"
+        return DASH
     value = _num(data.get("value"))
     if data.get("cpu_pct") is not None:
         return f"{value} ({data['cpu_pct']:.0f}% CPU)"
@@ -119,7 +121,7 @@ def _cell(data: dict[str, Any]) -> str:
 
 
 def _ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
+    return DASH if value is None else f"{value:.2f}{TIMES}"
 
 
 def header(results: list[Result]) -> str:
@@ -128,7 +130,7 @@ def header(results: list[Result]) -> str:
     cols = ["scenario", "unit"]
     for key in keys:
         cols += [names.get(key, key), "per core", "vs baseline"]
-    cols += ["baseline", "per core", "", "notes"]
+    cols += ["baseline", "per core", "notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return "\n".join(lines)
 
@@ -164,9 +166,9 @@ def target_rows(results: list[Result]) -> list[dict[str, Any]]:
             {
                 "scenario": name,
                 "target": what,
-                "limit": f"{'≥' if op == '>=' else '≤'} {limit:g}{'×' if how == 'ratio' else ''}",
+                "limit": f"{'≥' if op == '>=' else '≤'} {limit:g}{TIMES if how == 'ratio' else ''}",
                 "measured": measured,
-                "unit": "×" if how == "ratio" else "",
+                "unit": TIMES if how == "ratio" else "",
                 "status": status,
             }
         )
@@ -176,7 +178,7 @@ def target_rows(results: list[Result]) -> list[dict[str, Any]]:
 def targets_table(results: list[Result]) -> str:
     lines = ["| target | limit | measured | status |", "|---|---|---|---|"]
     for t in target_rows(results):
-        measured = "–" if t["measured"] is None else f"{_num(t['measured'])}{t['unit']}"
+        measured = DASH if t["measured"] is None else f"{_num(t['measured'])}{t['unit']}"
         lines.append(f"| {t['target']} | {t['limit']} | {measured} | {t['status']} |")
     return "\n".join(lines)
 
@@ -229,9 +231,10 @@ def chart(results: list[Result], path: Path, meta: dict[str, Any]) -> str | None
             if value is None:
                 continue
             y = i + (j - (len(keys) - 1) / 2) * height
-            ax.barh(y, value, height=height * 0.9, label=names[key] if i == 0 else None,
-                    color=f"C{j}")
-            ax.text(value, y, f" {value:.2f}×", va="center", fontsize=8)
+            ax.barh(
+                y, value, height=height * 0.9, label=names[key] if i == 0 else None, color=f"C{j}"
+            )
+            ax.text(value, y, f" {value:.2f}{TIMES}", va="center", fontsize=8)
         if result["scenario"] in limits:
             limit = limits[result["scenario"]][0]
             ax.plot([limit, limit], [i - 0.45, i + 0.45], color="red", linewidth=2)

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per measurement window")
     parser.add_argument("--warmup", type=float, help="seconds of load before each window")
     parser.add_argument("--repeats", type=int, help="alternating runs per target (median kept)")
+    parser.add_argument("--max-workers", type=int, help="worker pool size for max_sessions")
+    parser.add_argument("--max-sessions", type=int, help="session cap for max_sessions")
     parser.add_argument("--load-procs", type=int, help="load generator processes")
     parser.add_argument("--dc-procs", type=int, help="fake DC processes")
     parser.add_argument("--proxy-cpus", help="CPU list for the proxy (default: first CPU)")
@@ -93,10 +95,13 @@ def choose_cpus(args: argparse.Namespace) -> tuple[list[int] | None, list[int] |
 
 def settings_for(args: argparse.Namespace) -> Settings:
     settings = Settings.smoke() if args.command == "smoke" else Settings()
-    for name in ("duration", "warmup", "repeats", "load_procs", "dc_procs"):
+    for name in ("duration", "warmup", "repeats", "load_procs", "dc_procs", "max_workers"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.max_sessions is not None:
+        settings.max_sessions_cap = args.max_sessions
+        settings.max_sessions_step = max(args.max_sessions // 9, 1)
     return settings
 
 
@@ -120,18 +125,27 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()} × {model}, Linux {platform.release()}, Python {platform.python_version()}"
+    python = platform.python_version()
+    return f"{os.cpu_count()} x {model}, Linux {platform.release()}, Python {python}"
 
 
 def git_revision() -> str:
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-            text=True, timeout=5, check=False,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=5, check=False,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -183,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.compare:
         meta["compare_command"] = args.compare
-    log(f"bench {args.command}: {len(selected)} scenario(s), proxy CPUs {meta['proxy_cpus']}, "
-        f"load CPUs {meta['load_cpus']}")
+    log(
+        f"bench {args.command}: {len(selected)} scenario(s), proxy CPUs {meta['proxy_cpus']}, "
+        f"load CPUs {meta['load_cpus']}"
+    )
     results: list[dict[str, Any]] = []
     ctx = Context(settings, targets, proxy_cpus, load_cpus, keep_tmp=args.keep_tmp)
     interrupted = False

@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from bench.common import free_port
 from bench.harness import (
     DC_NUMBERS,
     SESSIONS_PER_PROCESS,
@@ -37,7 +38,6 @@ from bench.harness import (
     instance_job,
     measure,
 )
-from bench.common import free_port
 
 Result = dict[str, Any]
 
@@ -97,7 +97,8 @@ def percentile(values: list[int], pct: float) -> float:
 def problems_of(ctx: Context, target: Target, window: Window) -> tuple[list[str], list[str]]:
     """(errors, warnings) of a window. Wrong bytes are always errors; failed connections
     are errors in smoke mode and warnings otherwise."""
-    errors, warnings = [], []
+    errors: list[str] = []
+    warnings: list[str] = []
     if window.corrupt:
         errors.append(f"{target.label}: {window.corrupt} connection(s) got wrong bytes")
     if window.dc_errors:
@@ -167,9 +168,7 @@ def rate_scenario(
                 results[target.key]["p99"] = _round(value)
                 results[target.key]["samples_n"] = len(window.latencies_ns)
             if job["kind"] == "handshake":
-                results[target.key]["hs_p50_ms"] = _round(
-                    percentile(window.latencies_ns, 50) / 1e6
-                )
+                results[target.key]["hs_p50_ms"] = _round(percentile(window.latencies_ns, 50) / 1e6)
         return finish(sc, results, errors, warnings, "per_core" if per_core else "value")
 
     return run
@@ -206,11 +205,13 @@ def idle_scenario(size_of: Callable[[Context], int]) -> Callable[[Context, Scena
         errors: list[str] = []
         warnings: list[str] = []
         for target in ctx.targets:
-            inst = target.launch(ctx)  # fresh: no memory left over from other scenarios
+            fresh = ctx.settings.fresh_for_memory  # no memory left over from other scenarios
+            inst = ctx.launch(target) if fresh else ctx.instance(target)
             try:
                 res, e, w = hold_idle(ctx, target, inst, count)
             finally:
-                inst.close()
+                if fresh:
+                    inst.close()
             results[target.key] = res
             errors += e
             warnings += w
@@ -310,7 +311,7 @@ def max_sessions(ctx: Context, sc: Scenario) -> Result:
     ctx.dc.ensure(max(s.dc_procs, procs))
     src_ips = [f"127.0.0.{i}" for i in range(2, 10)]
     for target in targets:
-        inst = target.launch(ctx, workers=s.max_workers)
+        inst = ctx.launch(target, workers=s.max_workers)
         try:
             res, e, w = grow_sessions(ctx, target, inst, procs, src_ips)
         finally:
@@ -386,7 +387,10 @@ def grow_sessions(
 
 def _relay_and_handshakes(ctx: Context) -> list[tuple[str, tuple[dict[str, Any], int, str]]]:
     return [
-        (f"relay {ctx.settings.streams_many} streams", stream_job(ctx, "echo", ctx.settings.streams_many)),
+        (
+            f"relay {ctx.settings.streams_many} streams",
+            stream_job(ctx, "echo", ctx.settings.streams_many),
+        ),
         ("handshakes", handshake_job(ctx)),
     ]
 
@@ -401,40 +405,48 @@ def paired(
 ) -> Result:
     """Off-vs-on comparison of a feature on relay and handshake jobs (same run, alternated).
 
-    ``change`` "loss" reports 1 - on/off in percent; "ratio" reports on/off.
+    ``variant`` starts the "on" instance (once per repeat, for both jobs). ``change``
+    "loss" reports 1 - on/off in percent; "ratio" reports on/off.
     """
     targets, reasons = feature_targets(ctx, feature)
     if not targets:
         raise Skip("; ".join(reasons))
+    jobs = _relay_and_handshakes(ctx)
     results: dict[str, Any] = {}
     errors: list[str] = []
     warnings: list[str] = []
     for target in targets:
-        res: dict[str, Any] = {"label": target.label}
-        worst = None
-        for label, (job, total, split) in _relay_and_handshakes(ctx):
-            off_scores, on_scores, cpu_on = [], [], 0.0
-            for _ in range(ctx.settings.repeats):
-                win_off = measure(ctx, ctx.instance(target), job, total, split)
-                inst = variant(ctx, target)
-                try:
-                    win_on = measure(ctx, inst, job, total, split, during=during)
-                finally:
-                    inst.close()
-                for window in (win_off, win_on):
+        scores: dict[str, dict[str, list[float]]] = {
+            label: {"off": [], "on": [], "cpu_on": []} for label, _ in jobs
+        }
+        for _ in range(ctx.settings.repeats):
+            for label, (job, total, split) in jobs:
+                window = measure(ctx, ctx.instance(target), job, total, split)
+                scores[label]["off"].append(rate_of(job, window) / window.per_core_factor)
+                e, w = problems_of(ctx, target, window)
+                errors += e
+                warnings += w
+            inst = variant(ctx, target)
+            try:
+                for label, (job, total, split) in jobs:
+                    window = measure(ctx, inst, job, total, split, during=during)
+                    scores[label]["on"].append(rate_of(job, window) / window.per_core_factor)
+                    scores[label]["cpu_on"].append(window.cpu_pct)
                     e, w = problems_of(ctx, target, window)
                     errors += e
                     warnings += w
-                off_scores.append(rate_of(job, win_off) / win_off.per_core_factor)
-                on_scores.append(rate_of(job, win_on) / win_on.per_core_factor)
-                cpu_on = win_on.cpu_pct
-            off, on = statistics.median(off_scores), statistics.median(on_scores)
+            finally:
+                inst.close()
+        res: dict[str, Any] = {"label": target.label}
+        worst = None
+        for label, got in scores.items():
+            off, on = statistics.median(got["off"]), statistics.median(got["on"])
             value = (1 - on / off) * 100 if change == "loss" else on / off
             res[label] = {
                 "off_per_core": _round(off),
                 "on_per_core": _round(on),
                 change: _round(value),
-                "cpu_pct_on": round(cpu_on, 1),
+                "cpu_pct_on": round(statistics.median(got["cpu_on"]), 1),
             }
             worst = value if worst is None else (max if change == "loss" else min)(worst, value)
         res["value"] = _round(worst if worst is not None else float("nan"))
@@ -448,7 +460,7 @@ def paired(
 def metrics_scenario(ctx: Context, sc: Scenario) -> Result:
     def with_metrics(ctx: Context, target: Target) -> Instance:
         port = free_port()
-        inst = target.launch(ctx, metrics_port=port)
+        inst = ctx.launch(target, metrics_port=port)
         scraper = Scraper(port)
         inst.on_close.append(scraper.stopped.set)
         return inst
@@ -477,7 +489,7 @@ def workers_scenario(ctx: Context, sc: Scenario) -> Result:
     n = ctx.settings.pool_workers
 
     def pool(ctx: Context, target: Target) -> Instance:
-        return target.launch(ctx, workers=n)
+        return ctx.launch(target, workers=n)
 
     out = paired(ctx, sc, "workers", pool, change="ratio")
     out["note"] = (out.get("note") or "") + f" {n} workers vs 1, all pinned to the proxy CPUs"
@@ -489,7 +501,7 @@ def reload_scenario(ctx: Context, sc: Scenario) -> Result:
     last = [0.0]
 
     def fresh(ctx: Context, target: Target) -> Instance:
-        return target.launch(ctx)
+        return ctx.launch(target)
 
     def hup(inst: Instance) -> None:
         now = time.monotonic()
@@ -511,28 +523,64 @@ def _idle_large(ctx: Context) -> int:
 
 
 SCENARIOS = [
-    Scenario("relay_1", "relay, 1 stream, 16 KiB echo", "MB/s", rate_scenario(
-        lambda ctx: stream_job(ctx, "echo", 1))),
-    Scenario("relay_64", "relay, 64 streams, 16 KiB echo", "MB/s", rate_scenario(
-        lambda ctx: stream_job(ctx, "echo", ctx.settings.streams_many))),
-    Scenario("upload_64", "client -> DC only (sink), 64 streams", "MB/s", rate_scenario(
-        lambda ctx: stream_job(ctx, "sink", ctx.settings.streams_many))),
-    Scenario("download_64", "DC -> client only (source), 64 streams", "MB/s", rate_scenario(
-        lambda ctx: stream_job(ctx, "source", ctx.settings.streams_many))),
-    Scenario("handshakes", "full handshakes (connect..close)", "1/s", rate_scenario(
-        handshake_job)),
-    Scenario("rtt_128", "round trip of 128 B, p99 (p50 in JSON)", "ms", rate_scenario(
-        rtt_job, per_core=False), better="lower"),
-    Scenario("idle_1k", "RSS per idle session, 1k sessions", "KB", idle_scenario(
-        _idle_small), better="lower"),
-    Scenario("idle_9k", "RSS per idle session, 9k per worker", "KB", idle_scenario(
-        _idle_large), better="lower"),
+    Scenario(
+        "relay_1",
+        "relay, 1 stream, 16 KiB echo",
+        "MB/s",
+        rate_scenario(lambda ctx: stream_job(ctx, "echo", 1)),
+    ),
+    Scenario(
+        "relay_64",
+        "relay, 64 streams, 16 KiB echo",
+        "MB/s",
+        rate_scenario(lambda ctx: stream_job(ctx, "echo", ctx.settings.streams_many)),
+    ),
+    Scenario(
+        "upload_64",
+        "client -> DC only (sink), 64 streams",
+        "MB/s",
+        rate_scenario(lambda ctx: stream_job(ctx, "sink", ctx.settings.streams_many)),
+    ),
+    Scenario(
+        "download_64",
+        "DC -> client only (source), 64 streams",
+        "MB/s",
+        rate_scenario(lambda ctx: stream_job(ctx, "source", ctx.settings.streams_many)),
+    ),
+    Scenario("handshakes", "full handshakes (connect..close)", "1/s", rate_scenario(handshake_job)),
+    Scenario(
+        "rtt_128",
+        "round trip of 128 B, p99 (p50 in JSON)",
+        "ms",
+        rate_scenario(rtt_job, per_core=False),
+        better="lower",
+    ),
+    Scenario(
+        "idle_1k",
+        "RSS per idle session, 1k sessions",
+        "KB",
+        idle_scenario(_idle_small),
+        better="lower",
+    ),
+    Scenario(
+        "idle_9k",
+        "RSS per idle session, 9k per worker",
+        "KB",
+        idle_scenario(_idle_large),
+        better="lower",
+    ),
     Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),
-    Scenario("metrics", "metrics on vs off, worst loss", "% loss", metrics_scenario,
-             better="lower"),
+    Scenario(
+        "metrics", "metrics on vs off, worst loss", "% loss", metrics_scenario, better="lower"
+    ),
     Scenario("workers", "N workers vs 1, worst ratio", "x", workers_scenario),
-    Scenario("reload", "SIGHUP every 0.5 s vs none, worst loss", "% loss", reload_scenario,
-             better="lower"),
+    Scenario(
+        "reload",
+        "SIGHUP every 0.5 s vs none, worst loss",
+        "% loss",
+        reload_scenario,
+        better="lower",
+    ),
 ]
 BY_NAME = {sc.name: sc for sc in SCENARIOS}
 
@@ -540,19 +588,28 @@ BY_NAME = {sc.name: sc for sc in SCENARIOS}
 def run_scenario(ctx: Context, sc: Scenario) -> Result:
     """Run one scenario; a crash or a start failure becomes a ``failed`` result."""
     started = time.monotonic()
+
+    def bare(status: str, reason: str, **extra: Any) -> Result:
+        return {
+            "scenario": sc.name,
+            "title": sc.title,
+            "unit": sc.unit,
+            "status": status,
+            "reason": reason,
+            "results": {},
+            "ratio": {},
+            **extra,
+        }
+
     try:
         result = sc.run(ctx, sc)
     except Skip as exc:
-        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
-                  "status": "skipped", "reason": str(exc), "results": {}, "ratio": {}}
+        result = bare("skipped", str(exc))
     except StartError as exc:
-        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
-                  "status": "failed", "reason": f"start failed: {exc}", "results": {},
-                  "ratio": {}}
+        result = bare("failed", f"start failed: {exc}")
+        ctx.drop_instances()
     except Exception as exc:
-        result = {"scenario": sc.name, "title": sc.title, "unit": sc.unit,
-                  "status": "failed", "reason": f"crashed: {exc!r}",
-                  "traceback": traceback.format_exc(), "results": {}, "ratio": {}}
+        result = bare("failed", f"crashed: {exc!r}", traceback=traceback.format_exc())
         ctx.drop_instances()  # do not reuse instances a crash may have left odd
     result["seconds"] = round(time.monotonic() - started, 1)
     return result

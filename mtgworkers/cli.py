@@ -1,7 +1,7 @@
 """Command line: mtg v2's commands and flags, parsed with docopt-ng.
 
-``run``, ``simple-run``, ``generate-secret`` and ``access`` behave like mtg's commands of
-the same names (mtg-compat.md (b)). Each command has its own usage text because the
+``run``, ``simple-run``, ``generate-secret``, ``access`` and ``doctor`` behave like mtg's
+commands of the same names (mtg-compat.md (b)). Each command has its own usage text because the
 commands reuse short flags with different meanings (``-p`` is the fronting port for
 simple-run and the advertised port for access), which one docopt pattern cannot express.
 
@@ -19,6 +19,7 @@ Modules with heavy imports (config, supervisor, secret) are imported inside the 
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import json
 import os
@@ -49,10 +50,6 @@ __all__ = [
 
 PROG = "mtgworkers"
 
-# How long `access` waits for each IP echo service when neither a flag nor the config
-# gives the address and the config has no HTTP timeout.
-DETECT_TIMEOUT = 5.0
-
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -70,6 +67,7 @@ Commands:
   simple-run       Run proxy without config file.
   generate-secret  Generate new proxy secret.
   access           Print access information.
+  doctor           Check that proxy can run correctly.
 
 Options:
   -h, --help     Show this help and exit.
@@ -158,6 +156,34 @@ Options:
                     in the config, else resolved via a remote website.
   -p N, --port=N    Port number. By default the port of bind-to in the config.
   -x, --hex         Print secret in hex encoding.
+  --qr              Print each t.me link with its QR code for the terminal instead of
+                    the JSON document.
+"""
+
+DOCTOR_DOC = f"""\
+Check that proxy can run correctly.
+
+Usage:
+  {PROG} doctor [options] [--ntp-server=HOST]... [--ip-echo-url=URL]... <config>
+
+Arguments:
+  <config>  Path to the configuration file.
+
+Options:
+  -h, --help             Show this help and exit.
+  --json                 Print one JSON object instead of the text report.
+  --probe                Probe the running proxy and fail if it does not answer. Without
+                         it the proxy is probed only when something answers there.
+  --no-probe             Do not probe the running proxy.
+  --probe-address=ADDR   host:port of the running proxy. By default bind-to of the config
+                         (0.0.0.0 and :: as the loopback address).
+  --ntp-server=HOST      NTP server as host[:port] (repeatable; replaces [doctor]
+                         ntp-servers).
+  --ip-echo-url=URL      IP echo service to detect public addresses (repeatable; replaces
+                         [doctor] ip-echo-urls).
+  --ca-file=PATH         Extra CA certificates (PEM) to trust (replaces [doctor] ca-file).
+  --timeout=DURATION     Timeout of each network operation (replaces [doctor] timeout).
+  --deadline=DURATION    Stop all checks after this long. [default: 60s]
 """
 
 # mtg doctor's advice for each deprecated key (mtg-compat.md e.1), keyed by the last
@@ -466,8 +492,6 @@ def load_config(path: str) -> Config:
 
 def cmd_access(args: Mapping[str, Any]) -> int:
     """Print the JSON document with the proxy links, like ``mtg access``."""
-    from mtgworkers import publicip
-
     cfg = load_config(args["<config>"])
     port = cfg.bind_to.port
     if args["--port"] is not None:
@@ -478,27 +502,38 @@ def cmd_access(args: Mapping[str, Any]) -> int:
     ipv4 = _address_of_family(_ip_flag("ipv4", args["--ipv4"]) or cfg.public_ipv4, socket.AF_INET)
     ipv6 = _address_of_family(_ip_flag("ipv6", args["--ipv6"]) or cfg.public_ipv6, socket.AF_INET6)
     if ipv4 is None or ipv6 is None:
-        timeout = cfg.network.timeout.http or DETECT_TIMEOUT
-        detected = asyncio.run(_detect_missing(ipv4, ipv6, publicip.configured_urls(), timeout))
-        ipv4, ipv6 = detected
-    sys.stdout.write(render_access(cfg.secret, port, ipv4, ipv6, use_hex=bool(args["--hex"])))
+        # The detection of doctor and of the start-up check: [doctor] ip-echo-urls first.
+        from mtgworkers.doctor import sni
+
+        timeout = cfg.network.timeout.http or cfg.doctor.timeout
+        found = asyncio.run(sni.public_addresses(ipv4, ipv6, sni.echo_urls(cfg), timeout))
+        ipv4, ipv6 = found.ipv4, found.ipv6
+    render = render_access_qr if args["--qr"] else render_access
+    sys.stdout.write(render(cfg.secret, port, ipv4, ipv6, use_hex=bool(args["--hex"])))
     return EXIT_OK
 
 
-async def _detect_missing(
-    ipv4: str | None, ipv6: str | None, urls: Sequence[str], timeout: float
-) -> tuple[str | None, str | None]:
-    from mtgworkers.publicip import detect
-
-    async def known(value: str) -> str:
-        return value
-
-    # Both families at once, as mtg does: an unreachable IPv6 must not delay IPv4.
-    v4, v6 = await asyncio.gather(
-        known(ipv4) if ipv4 else detect(socket.AF_INET, urls, timeout),
-        known(ipv6) if ipv6 else detect(socket.AF_INET6, urls, timeout),
-    )
-    return v4, v6
+def render_access_qr(
+    secret: Secret, port: int, ipv4: str | None, ipv6: str | None, *, use_hex: bool = False
+) -> str:
+    """For each known address: a caption, the t.me link and its QR code drawn with Unicode
+    half blocks (scannable from a terminal). Raises CliError when ``segno`` is missing."""
+    try:
+        import segno
+    except ImportError:
+        raise CliError("--qr needs the 'segno' package (pip install segno)") from None
+    document = access_document(secret, port, ipv4, ipv6, use_hex=use_hex)
+    out = io.StringIO()
+    for family, label in (("ipv4", "IPv4"), ("ipv6", "IPv6")):
+        if family not in document:
+            continue
+        link = document[family]["tme_url"]
+        out.write(f"{label} {document[family]['ip']} port {port}:\n{link}\n")
+        segno.make(link, error="m").terminal(out=out, compact=True)
+        out.write("\n")
+    if not out.tell():
+        out.write("no public address known: pass --ipv4/--ipv6 or set public-ipv4/public-ipv6\n")
+    return out.getvalue()
 
 
 def _ip_flag(name: str, value: str | None) -> str | None:
@@ -579,6 +614,41 @@ def render_access(
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
+# ---------------------------------------------------------------------------
+# doctor
+
+
+def cmd_doctor(args: Mapping[str, Any]) -> int:
+    """Run doctor's checks; print the report (text or JSON); 0 if all passed, else 1."""
+    from mtgworkers import config, doctor
+
+    cfg = load_config(args["<config>"])
+    try:
+        options = doctor.Options(
+            ntp_servers=doctor.parse_ntp_servers(args["--ntp-server"]),
+            ip_echo_urls=tuple(config.parse_echo_url(url) for url in args["--ip-echo-url"]),
+            ca_file=config.parse_ca_file(args["--ca-file"]) if args["--ca-file"] else None,
+            timeout=config.parse_duration(args["--timeout"]) if args["--timeout"] else None,
+            deadline=config.parse_duration(args["--deadline"]) or doctor.DEFAULT_DEADLINE,
+            probe=True if args["--probe"] else False if args["--no-probe"] else None,
+            probe_address=(
+                doctor.parse_probe_address(args["--probe-address"])
+                if args["--probe-address"]
+                else None
+            ),
+        )
+    except (ValueError, config.ConfigError) as exc:
+        raise CliError(f"incorrect doctor option: {exc}") from None
+    if args["--probe"] and args["--no-probe"]:
+        raise CliError("--probe and --no-probe contradict each other")
+    try:
+        report = asyncio.run(doctor.run(cfg, options))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: unusable CA file
+        raise CliError(f"cannot run doctor: {exc}") from None
+    sys.stdout.write(report.render_json() if args["--json"] else report.render())
+    return report.exit_code
+
+
 _Handler = Callable[[Mapping[str, Any]], int]
 
 _COMMANDS: dict[str, tuple[str, _Handler, tuple[str, ...]]] = {
@@ -586,4 +656,5 @@ _COMMANDS: dict[str, tuple[str, _Handler, tuple[str, ...]]] = {
     "simple-run": (SIMPLE_RUN_DOC, cmd_simple_run, ("<bind-to>", "<secret>")),
     "generate-secret": (GENERATE_SECRET_DOC, cmd_generate_secret, ("<hostname>",)),
     "access": (ACCESS_DOC, cmd_access, ("<config>",)),
+    "doctor": (DOCTOR_DOC, cmd_doctor, ("<config>",)),
 }

@@ -15,6 +15,8 @@ Deliberate differences to mtg (all documented in ``config.example.toml``):
   ``doh-ip`` with an IPv6 address becomes ``https://[v6]`` (mtg produces a broken URL).
 - List files must be regular files readable by this process.
 - Extension: ``[dc-overrides]`` replaces Telegram's built-in addresses of single DCs.
+- Extension: ``[doctor]`` names the NTP servers, IP echo services and extra CA certificates
+  ``mtgworkers doctor`` uses, and its per-operation timeout.
 - Extension: ``[supervisor]`` sets the process model (worker count, graceful timeout, RSS
   limit, pid file); mtg runs one process and has no such table. Without it the defaults
   apply, so mtg config files work unchanged.
@@ -51,6 +53,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Defense",
+    "Doctor",
     "DomainFronting",
     "Doppelganger",
     "HostPort",
@@ -65,14 +68,17 @@ __all__ = [
     "Timeouts",
     "format_bytes",
     "format_duration",
+    "format_ntp_server",
     "load",
     "parse",
     "parse_bytes",
+    "parse_ca_file",
     "parse_concurrency",
     "parse_dc_address",
     "parse_dc_number",
     "parse_dns",
     "parse_duration",
+    "parse_echo_url",
     "parse_error_rate",
     "parse_host_port",
     "parse_http_path",
@@ -80,6 +86,7 @@ __all__ = [
     "parse_ip",
     "parse_list_url",
     "parse_metric_prefix",
+    "parse_ntp_server",
     "parse_pid_file",
     "parse_port",
     "parse_prefer_ip",
@@ -95,6 +102,11 @@ TAG_FORMATS = ("datadog", "influxdb", "graphite")
 
 # [supervisor] workers: at most this many worker processes (0 means one per CPU).
 MAX_WORKERS = 256
+
+# [doctor] defaults: public NTP pools/services; the IP echo services are those of
+# mtgworkers.publicip (kept there so `access` and `run` use the same list).
+DEFAULT_NTP_SERVERS = ("0.pool.ntp.org", "1.pool.ntp.org", "time.google.com", "time.cloudflare.com")
+NTP_PORT = 123
 
 # Deprecated keys (mtg spelling, full dotted key), in the order mtg's doctor reports them.
 DEPRECATED_KEYS = (
@@ -238,6 +250,20 @@ class Supervisor:
     pid_file: str | None = None  # absolute path; None: no pid file
 
 
+@dataclass(frozen=True)
+class Doctor:
+    """EXTENSION (not in mtg): the ``[doctor]`` table, the endpoints ``doctor`` talks to."""
+
+    # (host, port) pairs; hosts are IP literals or names (resolved with [network] dns).
+    ntp_servers: tuple[tuple[str, int], ...] = tuple(
+        (host, NTP_PORT) for host in DEFAULT_NTP_SERVERS
+    )
+    # http(s) URLs; () = $MTGWORKERS_IP_ECHO_URLS, else mtgworkers.publicip.DEFAULT_URLS.
+    ip_echo_urls: tuple[str, ...] = ()
+    ca_file: str | None = None  # absolute path of extra trusted CA certificates (PEM)
+    timeout: float = 5.0  # seconds for each network operation of doctor
+
+
 def _empty_overrides() -> Mapping[int, tuple[tuple[str, int], ...]]:
     return types.MappingProxyType({})
 
@@ -262,6 +288,7 @@ class Config:
     defense: Defense = field(default_factory=Defense)
     stats: Stats = field(default_factory=Stats)
     supervisor: Supervisor = field(default_factory=Supervisor)
+    doctor: Doctor = field(default_factory=Doctor)
     dc_overrides: Mapping[int, tuple[tuple[str, int], ...]] = field(
         default_factory=_empty_overrides
     )
@@ -347,6 +374,12 @@ class Config:
                 "graceful-timeout": format_duration(self.supervisor.graceful_timeout),
                 "worker-max-rss": _format_optional_bytes(self.supervisor.worker_max_rss),
                 "pid-file": self.supervisor.pid_file,
+            },
+            "doctor": {
+                "ntp-servers": [format_ntp_server(server) for server in self.doctor.ntp_servers],
+                "ip-echo-urls": [_redact_url(url) for url in self.doctor.ip_echo_urls],
+                "ca-file": self.doctor.ca_file,
+                "timeout": format_duration(self.doctor.timeout),
             },
             "dc-overrides": {
                 str(dc): [_join_host_port(host, port) for host, port in addresses]
@@ -1006,6 +1039,65 @@ def parse_list_url(text: str, base_dir: str | None = None) -> str:
     return url.text
 
 
+def parse_ntp_server(text: str) -> tuple[str, int]:
+    """Parse a ``[doctor] ntp-servers`` entry: ``host``, ``host:port`` or ``[v6]:port``.
+
+    The host is an IP literal or a host name; the port defaults to 123. Returns
+    ``(host, port)``. Raises ConfigError.
+    """
+    bracketed = text.startswith("[") and text.endswith("]")
+    bare = _ip_or_none(text[1:-1] if bracketed else text)
+    if bare is not None:
+        return bare, NTP_PORT
+    if text.startswith("[") or ":" in text:
+        host, port = _split_host_port(text)
+    else:
+        host, port = text, NTP_PORT
+    if not host:
+        raise ConfigError(f"empty host: {text}")
+    return _host_or_ip(host, text), port
+
+
+def format_ntp_server(server: tuple[str, int]) -> str:
+    """``("time.example", 123)`` -> ``"time.example"``; other ports as ``host:port``."""
+    host, port = server
+    if port == NTP_PORT:
+        return host
+    return _join_host_port(host, port)
+
+
+def parse_echo_url(text: str) -> str:
+    """Parse an IP echo service URL (``[doctor] ip-echo-urls``): http(s) with a host."""
+    shown = _redact_url(text)
+    url = _split_url(text, shown)
+    if url.scheme not in ("http", "https"):
+        raise ConfigError(f"unsupported schema: {url.scheme or '(none)'}: {shown}")
+    if url.authority is None or not url.host:
+        raise ConfigError(f"url has to have a scheme and a host: {shown}")
+    _url_host(url, shown)
+    _url_port(url, None, shown)
+    return url.text
+
+
+def parse_ca_file(text: str, base_dir: str | None = None) -> str:
+    """Parse ``[doctor] ca-file``: an existing readable regular file, returned absolute.
+
+    A relative path is resolved against ``base_dir`` (default: the working directory).
+    The content (PEM certificates) is read when doctor runs. Raises ConfigError.
+    """
+    path = os.path.abspath(os.path.join(base_dir, text) if base_dir else text)
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError) as exc:  # ValueError: embedded NUL
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot use file {path}: {reason.lower()}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"value is not a regular file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"value is a path to a file that is not readable: {path}")
+    return path
+
+
 _DC_RE = re.compile(r"-?[1-9][0-9]*")
 
 
@@ -1217,6 +1309,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
         defense=_parse_defense(root.section("defense"), base_dir),
         stats=_parse_stats(root.section("stats")),
         supervisor=_parse_supervisor(root.section("supervisor"), base_dir),
+        doctor=_parse_doctor(root.section("doctor"), base_dir),
         dc_overrides=_parse_dc_overrides(root.section("dc-overrides")),
         deprecated=tuple(deprecated),
     )
@@ -1333,6 +1426,18 @@ def _parse_supervisor(section: _Section, base_dir: str | None) -> Supervisor:
         graceful_timeout=section.duration("graceful-timeout", 30.0),
         worker_max_rss=section.string("worker-max-rss", parse_bytes, 0) or None,
         pid_file=section.string("pid-file", lambda text: parse_pid_file(text, base_dir), None),
+    )
+    section.finish()
+    return result
+
+
+def _parse_doctor(section: _Section, base_dir: str | None) -> Doctor:
+    ntp_servers = section.strings("ntp-servers", parse_ntp_server)
+    result = Doctor(
+        ntp_servers=ntp_servers or Doctor.ntp_servers,
+        ip_echo_urls=section.strings("ip-echo-urls", parse_echo_url),
+        ca_file=section.string("ca-file", lambda text: parse_ca_file(text, base_dir), None),
+        timeout=section.duration("timeout", 5.0),
     )
     section.finish()
     return result

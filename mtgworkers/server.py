@@ -10,6 +10,7 @@ object with ``try_acquire``/``release``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import resource
@@ -155,7 +156,11 @@ class Worker:
         replay_filter: ReplayFilter | None = None,
         limiter: Limiter | None = None,
         clock: Callable[[], float] = time.time,
+        startup_checks: bool = False,
     ) -> None:
+        # startup_checks: run run_startup_checks() in the background once listening. With
+        # several worker processes the caller enables it in one of them only.
+        self.startup_checks = startup_checks
         self.config = config
         self.loop = loop
         self.clock = clock
@@ -226,6 +231,16 @@ class Worker:
         self._last_flush = self.loop.time()
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
         self._start_updaters()
+        if self.startup_checks:
+            # A task, after listening: slow DNS or IP echo services never delay clients.
+            self._spawn(self.run_startup_checks())
+
+    async def run_startup_checks(self) -> None:
+        """mtg's start-up SNI-DNS check: warn (never fail) when the secret's host name does
+        not resolve to this server's public addresses (see mtgworkers.doctor.sni)."""
+        from mtgworkers.doctor.sni import startup_check
+
+        await startup_check(self.config, self.resolver)
 
     def _start_updaters(self) -> None:
         config = self.config
@@ -406,19 +421,81 @@ def proxy_links(config: Config) -> list[str]:
     return links
 
 
+def attach_stats(worker: Worker, worker_slot: int | str) -> Callable[[], None]:
+    """Subscribe the metrics observers that ``worker.config`` enables ([stats.prometheus],
+    [stats.statsd]) to ``worker.events``: the hook for every worker entry point.
+
+    Call it in the worker process (after fork) and before ``worker.start()``, which
+    already sends events. ``worker_slot`` names this process's Prometheus files and must
+    be unique among the worker processes alive at the same time; a replacement of a dead
+    worker should reuse its value so that counters continue from its totals (under the
+    supervisor: the scoreboard cell, not the listening slot, because both generations of
+    a slot run at once during a reload). Prometheus needs ``PROMETHEUS_MULTIPROC_DIR``,
+    set by whoever created the exporter (:class:`supervisor.exporter.Exporter`).
+
+    Returns a function that flushes and detaches the observers; call it after
+    ``worker.stop()``/``worker.drain()`` so the sessions' last traffic is counted.
+    Without stats enabled nothing is subscribed and the function does nothing. Raises
+    :class:`mtgworkers.stats.StatsError` when an enabled observer cannot be set up.
+    """
+    from mtgworkers import stats
+
+    observers = stats.make_observers(worker.config, worker_slot)
+    for observer in observers:
+        observer.start(worker.loop)
+        worker.events.subscribe(observer)
+
+    def detach() -> None:
+        for observer in observers:
+            with contextlib.suppress(ValueError):
+                worker.events.unsubscribe(observer)
+            observer.close()
+        observers.clear()
+
+    return detach
+
+
 def serve(config: Config) -> int:
-    """Run one worker until SIGINT/SIGTERM. Returns the process exit code."""
+    """Run one worker until SIGINT/SIGTERM. Returns the process exit code.
+
+    With [stats.prometheus] enabled the metrics exporter runs as a child process (the
+    same one the supervisor uses) and this worker writes its values as worker 0.
+    """
     import uvloop
 
     raise_nofile_limit(config.concurrency)
+    exporter = None
+    if config.stats.prometheus.enabled:
+        # Before the event loop exists: nothing is running when the exporter is spawned.
+        from supervisor.exporter import Exporter, ExporterError
+
+        try:
+            exporter = Exporter(config.stats.prometheus, debug=config.debug)
+            exporter.start()
+        except (ExporterError, OSError) as exc:
+            _log.error("cannot start proxy", extra={"error": str(exc)})
+            if exporter is not None:
+                exporter.close()
+            return 1
+    from mtgworkers.stats import StatsError
+
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(config, loop)
+    worker = Worker(config, loop, startup_checks=True)
+    detach_stats: Callable[[], None] | None = None
     try:
+        try:
+            detach_stats = attach_stats(worker, 0)
+        except OSError as exc:
+            raise StatsError(f"cannot write metrics: {exc}") from exc
         loop.run_until_complete(worker.start())
-    except StartupError as exc:
+    except (StartupError, StatsError) as exc:
         _log.error("cannot start proxy", extra={"error": str(exc)})
+        if detach_stats is not None:
+            detach_stats()
         loop.close()
+        if exporter is not None:
+            exporter.close()
         return 1
 
     stopping = asyncio.Event()
@@ -428,9 +505,24 @@ def serve(config: Config) -> int:
     _log.warning("proxy is listening", extra={"bind_to": addresses})
     for link in proxy_links(config):
         _log.warning("proxy link", extra={"tg_url": link})
+    watch: asyncio.TimerHandle | None = None
+    if exporter is not None:
+        watched = exporter
+
+        def watch_exporter() -> None:
+            nonlocal watch
+            watched.poll()
+            watch = loop.call_later(1.0, watch_exporter)
+
+        watch = loop.call_later(1.0, watch_exporter)
     try:
         loop.run_until_complete(stopping.wait())
         loop.run_until_complete(worker.stop())
     finally:
+        if watch is not None:
+            watch.cancel()
+        detach_stats()
         loop.close()
+        if exporter is not None:
+            exporter.close()
     return 0

@@ -10,7 +10,8 @@ call. Layout of the package:
 - ``listeners.py`` the per-slot SO_REUSEPORT listening sockets;
 - ``notify.py``    systemd readiness notifications;
 - ``procstats.py`` psutil samples of the workers;
-- ``pidfile.py``   the optional pid file.
+- ``pidfile.py``   the optional pid file;
+- ``exporter.py``  the metrics exporter process ([stats.prometheus]).
 """
 
 from __future__ import annotations

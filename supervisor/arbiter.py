@@ -47,6 +47,7 @@ from supervisor.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
+    from supervisor.exporter import Exporter
 
 __all__ = ["Arbiter", "SupervisorError", "resolve_workers"]
 
@@ -155,6 +156,7 @@ class Arbiter:
         self.config_path = config_path
         self.pid = os.getpid()
         self.generation = 1
+        self._last_generation = 1  # generation numbers are never reused, failed ones neither
         self.num_workers = resolve_workers(config.supervisor.workers)
         self.slots: dict[int, Slot] = {}
         self.workers: dict[int, WorkerProcess] = {}
@@ -168,6 +170,7 @@ class Arbiter:
         self.scoreboard: shm.Scoreboard | None = None
         self.replay: shm.ReplayCache | None = None
         self.pid_file: str | None = None
+        self.exporter: Exporter | None = None  # [stats.prometheus]: the metrics process
         self._wake_r = self._wake_w = self._life_r = self._life_w = -1
         self._next_sample = 0.0
         self._status = ""
@@ -215,6 +218,19 @@ class Arbiter:
             self.replay = self._replay_cache_for(self.config)
         except OSError as exc:
             raise SupervisorError(f"cannot create shared memory: {exc}") from None
+        if self.config.stats.prometheus.enabled:
+            # Before the first fork: workers inherit its PROMETHEUS_MULTIPROC_DIR.
+            from supervisor.exporter import Exporter, ExporterError
+
+            try:
+                self.exporter = Exporter(
+                    self.config.stats.prometheus,
+                    scoreboard=self.scoreboard,
+                    debug=self.config.debug,
+                )
+                self.exporter.start()
+            except (ExporterError, OSError) as exc:
+                raise SupervisorError(f"cannot start the metrics exporter: {exc}") from None
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -245,7 +261,7 @@ class Arbiter:
         for worker in self.workers.values():
             if worker.kill_at is not None and not worker.killed:
                 deadline = min(deadline, worker.kill_at)
-            if worker.state == BOOTING:
+            if worker.state == BOOTING and not worker.killed:
                 deadline = min(deadline, worker.spawned_at + BOOT_TIMEOUT)
         for slot in self.slots.values():
             if slot.respawn_at > now:
@@ -421,11 +437,12 @@ class Arbiter:
             try:
                 new = config_module.load(self.config_path)
             except config_module.ConfigError as exc:
-                _log.error(
-                    "cannot reload configuration; keeping the running one",
-                    extra={"path": self.config_path, "error": str(exc)},
-                )
+                self._reload_refused(str(exc))
                 return
+        refusal = _unreloadable(old, new)
+        if refusal is not None:
+            self._reload_refused(refusal)
+            return
         workers = resolve_workers(new.supervisor.workers)
         self.notifier.reloading("reloading configuration")
         _log.warning(
@@ -449,12 +466,26 @@ class Arbiter:
                 sock.close()
             self._reload_failed(str(exc), new)
             return
-        self.pending = Reload(self.generation + 1, new, workers, sockets, replay, time.monotonic())
+        self._last_generation += 1
+        self.pending = Reload(
+            self._last_generation, new, workers, sockets, replay, time.monotonic()
+        )
         for index in range(workers):
             sock = sockets.get(index) or self.slots[index].sock
-            if self.spawn(index, self.pending.generation, new, sock) is None:
+            spawned = self.spawn(
+                index, self.pending.generation, new, sock, startup_checks=index == 0
+            )
+            if spawned is None:
                 self.abort_reload("cannot start the workers of the new configuration")
                 return
+
+    def _reload_refused(self, reason: str) -> None:
+        _log.error(
+            "cannot reload configuration; keeping the running one",
+            extra={"path": self.config_path, "error": reason},
+        )
+        if self.exporter is not None:
+            self.exporter.reload_finished(False)
 
     def _replay_cache_for(self, config: Config) -> shm.ReplayCache | None:
         """The replay cache for ``config``: the running one when its size fits, else new."""
@@ -493,6 +524,8 @@ class Arbiter:
             if worker.generation < self.generation and worker.state != RETIRING:
                 self.retire(worker, timeout)
         self._set_pid_file(self.config.supervisor.pid_file)
+        if self.exporter is not None:
+            self.exporter.reload_finished(True)
         self.notifier.ready(self.status_text())
         _log.warning(
             "configuration reloaded",
@@ -527,10 +560,7 @@ class Arbiter:
     def _reload_failed(self, reason: str, new: Config) -> None:
         if new.debug != self.config.debug:
             logs.setup(self.config.debug)
-        _log.error(
-            "cannot reload configuration; keeping the running one",
-            extra={"path": self.config_path, "error": reason},
-        )
+        self._reload_refused(reason)
         self.notifier.ready(self.status_text())
 
     def _drop_pending(self) -> None:
@@ -603,7 +633,11 @@ class Arbiter:
                     return
             if slot.respawn_at > now or self._has_worker(index, self.generation):
                 continue
-            if self.spawn(index, self.generation, self.config, slot.sock) is None:
+            first = self.state == STARTING and index == 0
+            if (
+                self.spawn(index, self.generation, self.config, slot.sock, startup_checks=first)
+                is None
+            ):
                 slot.respawn_at = now + 1.0
 
     def _has_worker(self, index: int, generation: int) -> bool:
@@ -636,8 +670,13 @@ class Arbiter:
         sock: socket.socket,
         *,
         replaces: int | None = None,
+        startup_checks: bool = False,
     ) -> WorkerProcess | None:
-        """Fork a worker for slot ``index``; None when no scoreboard cell is free."""
+        """Fork a worker for slot ``index``; None when no scoreboard cell is free.
+
+        ``startup_checks``: this worker runs mtg's start-up SNI-DNS check (one per
+        generation, so the warning is not repeated by every worker).
+        """
         assert self.scoreboard is not None
         if threading.active_count() != 1:
             # Forking with threads risks locks held by them; the supervisor has none.
@@ -655,6 +694,8 @@ class Arbiter:
         others = [s.sock for s in self.slots.values() if s.sock is not sock]
         if self.pending is not None:
             others += [s for s in self.pending.sockets.values() if s is not sock]
+        if self.exporter is not None:
+            others.append(self.exporter.sock)
         spec = WorkerSpec(
             slot=index,
             generation=generation,
@@ -674,6 +715,7 @@ class Arbiter:
                 *(w.report_fd for w in self.workers.values() if w.report_fd >= 0),
             ),
             close_sockets=tuple(others),
+            startup_checks=startup_checks,
         )
         # Buffered output would otherwise be written twice, once by each process.
         sys.stdout.flush()
@@ -701,17 +743,18 @@ class Arbiter:
         )
         return worker
 
-    def _read_report(self, worker: WorkerProcess) -> None:
+    def _read_report(self, worker: WorkerProcess) -> bool:
+        """Read what the worker wrote to its report pipe; False when nothing was there."""
         try:
             data = os.read(worker.report_fd, 4096)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             os.close(worker.report_fd)
             worker.report_fd = -1
-            return
+            return False
         worker.buffer += data
         while b"\n" in worker.buffer:
             line, _, rest = bytes(worker.buffer).partition(b"\n")
@@ -724,6 +767,7 @@ class Arbiter:
                 self.worker_ready(worker)
             elif message.get("event") == "error":
                 worker.error = str(message.get("error"))
+        return True
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         assert self.scoreboard is not None
@@ -764,8 +808,8 @@ class Arbiter:
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         assert self.scoreboard is not None
         if worker.report_fd >= 0:
-            os.set_blocking(worker.report_fd, True)  # the writer is gone: read to EOF
-            self._read_report(worker)
+            while self._read_report(worker):  # its last words (why it could not boot)
+                pass
             if worker.report_fd >= 0:
                 os.close(worker.report_fd)
                 worker.report_fd = -1
@@ -813,6 +857,10 @@ class Arbiter:
         if recent > FREE_RESTARTS:
             delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (recent - FREE_RESTARTS - 1))
         slot.respawn_at = now + delay
+        if self.exporter is not None:
+            from supervisor.exporter import restart_reason
+
+            self.exporter.worker_restarted(restart_reason(code))
         _log.warning(
             "worker died; starting a new one",
             extra={**fields, "restart_in": delay, "deaths_last_minute": recent},
@@ -844,6 +892,8 @@ class Arbiter:
         if now < self._next_sample:
             return
         self._next_sample = now + SAMPLE_EVERY
+        if self.exporter is not None and self.state in (STARTING, RUNNING):
+            self.exporter.poll()  # restarts a dead exporter (with its own back-off)
         self._refresh_samples()
         limit = self.config.supervisor.worker_max_rss
         if limit and self.state == RUNNING and self.pending is None:
@@ -884,6 +934,10 @@ class Arbiter:
         )
         if replacement is not None:
             worker.replaced_by = replacement.pid
+            if self.exporter is not None:
+                from supervisor.exporter import RESTART_MAX_RSS
+
+                self.exporter.worker_restarted(RESTART_MAX_RSS)
 
     def _refresh_samples(self) -> None:
         assert self.scoreboard is not None
@@ -960,6 +1014,9 @@ class Arbiter:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wake_r = self._wake_w = self._life_r = self._life_w = -1
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
         if self.replay is not None:
             self.replay.close()
             self.replay = None
@@ -969,3 +1026,11 @@ class Arbiter:
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self.pid)
             self.pid_file = None
+
+
+def _unreloadable(old: Config, new: Config) -> str | None:
+    """Why ``new`` cannot replace ``old`` by a reload (naming the key), or None."""
+    if new.stats.prometheus != old.stats.prometheus:
+        # The exporter process and its socket are made once, before the first fork.
+        return "stats.prometheus: cannot be changed by a reload; restart the proxy"
+    return None

@@ -144,6 +144,24 @@ class Segment:
             raise
         self._owner = os.getpid()
 
+    @classmethod
+    def attach(cls, path: str) -> Segment:
+        """Map an existing segment read-only (another process's, for inspection).
+
+        Raises OSError. The file is never removed through this object.
+        """
+        segment = cls.__new__(cls)
+        segment.path = path
+        segment.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            segment.size = os.fstat(segment.fd).st_size
+            segment.map = mmap.mmap(segment.fd, segment.size, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(segment.fd)
+            raise
+        segment._owner = -1
+        return segment
+
     def reopen(self) -> int:
         """A new open file description of this segment (for ``flock``): call after fork.
 
@@ -235,6 +253,24 @@ class Scoreboard:
             HEADER_SIZE + 8 * cells : HEADER_SIZE + 8 * cells + RECORD_SIZE * cells
         ]
         self._free = list(range(cells - 1, -1, -1))  # supervisor only; pop() gives the lowest
+
+    @classmethod
+    def attach(cls, path: str) -> Scoreboard:
+        """Read another process's scoreboard (e.g. a status tool); read-only.
+
+        Raises OSError, or ValueError when the file holds no scoreboard of this layout.
+        """
+        segment = Segment.attach(path)
+        try:
+            if segment.size < HEADER_SIZE:
+                raise ValueError(f"{path}: too small for a scoreboard")
+            magic, version, cells, _ = _HEADER.unpack(segment.map[:HEADER_SIZE])
+            if magic != MAGIC or version != VERSION or segment.size < cls.size(cells):
+                raise ValueError(f"{path}: not a scoreboard of layout version {VERSION}")
+            return cls(segment, cells)
+        except BaseException:
+            segment.close(unlink=False)
+            raise
 
     @staticmethod
     def size(cells: int) -> int:

@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -79,6 +80,7 @@ class WorkerSpec:
     replay: ReplayCache | None
     close_fds: tuple[int, ...] = ()  # supervisor descriptors the worker must not keep
     close_sockets: tuple[socket.socket, ...] = ()  # other slots' sockets
+    startup_checks: bool = False  # mtg's start-up SNI-DNS check: one worker per generation
 
 
 def worker_main(spec: WorkerSpec) -> NoReturn:
@@ -155,17 +157,27 @@ def _report(fd: int, **message: object) -> None:
 def _serve(spec: WorkerSpec) -> int:
     import uvloop
 
-    from mtgworkers.server import StartupError, Worker
+    from mtgworkers.server import StartupError, Worker, attach_stats
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    detach_stats: Callable[[], None] | None = None
     try:
         try:
             replay_filter: ReplayFilter = (
                 spec.replay.open_filter() if spec.replay is not None else NoopFilter()
             )
             limiter = spec.scoreboard.limiter(spec.cell, spec.config.concurrency)
-            worker = Worker(spec.config, loop, replay_filter=replay_filter, limiter=limiter)
+            worker = Worker(
+                spec.config,
+                loop,
+                replay_filter=replay_filter,
+                limiter=limiter,
+                startup_checks=spec.startup_checks,
+            )
+            # Metrics files are named after the cell: unique among live workers, and the
+            # replacement of a dead worker continues its counters.
+            detach_stats = attach_stats(worker, spec.cell)
             loop.run_until_complete(worker.start(sockets=[spec.sock]))
         except Exception as exc:
             reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
@@ -178,6 +190,9 @@ def _serve(spec: WorkerSpec) -> int:
         loop.run_until_complete(lifecycle.done)
         return 0
     finally:
+        if detach_stats is not None:
+            with contextlib.suppress(Exception):
+                detach_stats()  # after the sessions ended: their last traffic is counted
         loop.close()
 
 
@@ -240,6 +255,12 @@ class _Lifecycle:
         self._watch = self.loop.call_later(PARENT_CHECK_EVERY, self.check_parent)
 
     async def _drain(self, timeout: float) -> None:
+        self.worker.stop_accepting()
+        # A connection accepted in the loop iteration that closed the server gets its
+        # connection_made() (and so its place in worker.sessions) a few iterations later;
+        # Worker.drain() must see it, or it would be cut as soon as the drain starts.
+        for _ in range(3):
+            await asyncio.sleep(0)
         cut = await self.worker.drain(timeout)
         if cut:
             _log.warning(

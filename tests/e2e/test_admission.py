@@ -115,6 +115,7 @@ def test_low_open_files_limit_is_reported(tmp_path, test_secret: KitSecret) -> N
     config.write_text(
         f'secret = "{test_secret.hex}"\nbind-to = "127.0.0.1:{port}"\n'
         'public-ipv4 = "127.0.0.1"\nconcurrency = 4096\n'
+        '[network]\ndns = "udp://127.0.0.1:9"\n'
         f'[domain-fronting]\nip = "127.0.0.1"\nport = {free_port()}\n'
     )
 
@@ -248,6 +249,8 @@ def test_simple_run_serves_clients_and_logs_the_link(
             "mtgworkers",
             "simple-run",
             "--debug",
+            "--doh-ip",  # name look-ups stay on loopback (refused at once)
+            "127.0.0.1",
             "--domain-fronting-ip",
             "127.0.0.1",
             "-p",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -50,12 +52,19 @@ def signal_proxy(proxy: ProxyProcess, signum: int) -> None:
 
 
 def worker_pids(proxy: ProxyProcess) -> set[int]:
-    """PIDs of the supervisor's live child processes."""
+    """PIDs of the supervisor's live worker processes (not the metrics exporter)."""
     try:
         children = psutil.Process(proxy.pid).children()
     except psutil.NoSuchProcess:
         return set()
-    return {child.pid for child in children if child.status() != psutil.STATUS_ZOMBIE}
+    pids = set()
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and "supervisor.exporter" not in " ".join(
+                child.cmdline()
+            ):
+                pids.add(child.pid)
+    return pids
 
 
 def ready_workers(proxy: ProxyProcess, since: int = 0) -> dict[int, int]:
@@ -63,23 +72,58 @@ def ready_workers(proxy: ProxyProcess, since: int = 0) -> dict[int, int]:
     return {r["pid"]: r["slot"] for r in proxy.logs_matching("worker is ready", since=since)}
 
 
+def _server_side_inode(server: tuple[str, int], client: tuple[str, int]) -> int | None:
+    """Inode of the accepted socket of the connection ``client`` -> ``server``.
+
+    One sock_diag netlink query for the exact 4-tuple: /proc/net/tcp (what psutil reads)
+    can hold tens of thousands of lines on a busy test machine.
+    """
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+
+    def address(ip: str) -> bytes:
+        return socket.inet_pton(family, ip).ljust(16, b"\0")
+
+    # struct inet_diag_req_v2 with its inet_diag_sockid (ports and addresses big-endian)
+    sockid = (
+        struct.pack("!HH", server[1], client[1])
+        + address(server[0])
+        + address(client[0])
+        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    )
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as netlink:
+        netlink.sendto(header + request, (0, 0))
+        reply = netlink.recv(65536)
+    if struct.unpack_from("=H", reply, 4)[0] != _SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: no such socket (yet)
+    # nlmsghdr (16) + inet_diag_msg: 4 bytes, sockid (48), expires/rqueue/wqueue/uid, inode
+    return int(struct.unpack_from("=I", reply, 16 + 4 + 48 + 16)[0])
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+
+
 def owner_of(proxy: ProxyProcess, client: FakeTLSClient, timeout: float = 3.0) -> int:
     """PID of the worker process that accepted ``client``'s connection."""
-    local_port = client.sock.getsockname()[1]
+    local = client.sock.getsockname()
+    server = client.sock.getpeername()
 
     def find() -> int | None:
+        inode = _server_side_inode((server[0], server[1]), (local[0], local[1]))
+        if inode is None:
+            return None
+        target = f"socket:[{inode}]"
         for pid in worker_pids(proxy):
-            with contextlib.suppress(psutil.Error):
-                for conn in psutil.Process(pid).net_connections(kind="tcp"):
-                    if (
-                        conn.raddr
-                        and conn.raddr.port == local_port
-                        and conn.laddr.port == proxy.port
-                    ):
-                        return pid
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                            return pid
         return None
 
-    return int(wait_until(find, timeout, f"the worker holding client port {local_port}"))
+    return int(wait_until(find, timeout, f"the worker holding client port {local[1]}"))
 
 
 def open_client(proxy: ProxyProcess, key: bytes, sni: str, **options: Any) -> FakeTLSClient:
@@ -156,22 +200,29 @@ class HandshakeHammer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            step = "connect"
             try:
                 with FakeTLSClient(
                     self.proxy.host, self.proxy.port, self.key, self.sni, timeout=5
                 ) as client:
+                    step = "handshake"
                     client.handshake()
+                    step = "echo"
                     payload = os.urandom(64)
                     client.send(payload)
                     if client.recv_exactly(64) != payload:
                         raise AssertionError("echo mismatch")
                 self.ok += 1
             except Exception as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(f"{step}: {type(exc).__name__}: {exc} at {time.time():.3f}")
 
     def finish(self) -> None:
         self.stop_event.set()
         self.join(10)
+
+
+def total_handshakes(hammers: list[HandshakeHammer]) -> int:
+    return sum(hammer.ok for hammer in hammers)
 
 
 def kill_quietly(pid: int, signum: int = signal.SIGKILL) -> None:

@@ -9,9 +9,6 @@ import time
 import pytest
 
 from supervisor.shm import Scoreboard
-from tests.support.env import KitSecret, ProxyPool
-from tests.support.fakedc import FakeDC
-from tests.support.proxy import ProxyProcess
 from tests.supervisor.helpers import (
     EchoStream,
     open_client,
@@ -22,33 +19,21 @@ from tests.supervisor.helpers import (
     wait_until,
     worker_pids,
 )
+from tests.support.client import FakeTLSClient
+from tests.support.env import KitSecret, ProxyPool
+from tests.support.fakedc import FakeDC
+from tests.support.proxy import ProxyProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
 
 def _scoreboard_sessions(proxy: ProxyProcess) -> dict[int, int]:
     """pid -> sessions, read from the supervisor's shared memory segment."""
-    record = proxy.wait_for_log("supervisor started")
-    import mmap
-    import os
-
-    fd = os.open(record["scoreboard"], os.O_RDONLY)
+    board = Scoreboard.attach(proxy.wait_for_log("supervisor started")["scoreboard"])
     try:
-        size = os.fstat(fd).st_size
-        data = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        return {record.pid: record.sessions for record in board.records()}
     finally:
-        os.close(fd)
-    try:
-        cells = int.from_bytes(data[12:16], "little")
-        board = Scoreboard.__new__(Scoreboard)
-        view = memoryview(bytearray(data[:size]))
-        board.cells = cells
-        board._hwm = view[16:20].cast("I")
-        board._sessions = view[64 : 64 + 8 * cells].cast("Q")
-        board._records = view[64 + 8 * cells : 64 + 8 * cells + 128 * cells]
-        return {r.pid: r.sessions for r in board.records()}
-    finally:
-        data.close()
+        board.close(unlink=False)
 
 
 def test_every_worker_accepts_and_sessions_are_counted_per_worker(
@@ -96,8 +81,8 @@ def test_killed_worker_is_replaced_and_other_sessions_keep_flowing(
 ) -> None:
     proxy = start_proxy(proxy_factory, workers=2)
     pids = worker_pids(proxy)
-    by_worker: dict[int, list] = {pid: [] for pid in pids}
-    spare = []
+    by_worker: dict[int, list[FakeTLSClient]] = {pid: [] for pid in pids}
+    spare: list[FakeTLSClient] = []
     # Open sessions until both workers hold at least two.
     deadline = time.monotonic() + 10
     while min(len(v) for v in by_worker.values()) < 2:
@@ -163,7 +148,7 @@ def test_sigttin_adds_and_sigttou_removes_a_worker(
     mark = proxy.mark()
     signal_proxy(proxy, signal.SIGTTOU)
     proxy.wait_for_log("SIGTTOU: cannot remove the last worker", since=mark)
-    assert len(worker_pids(proxy)) == 1
+    assert wait_until(lambda: len(worker_pids(proxy)) == 1, 5, "one worker")
     for _ in range(3):
         open_client(proxy, test_secret.key, test_secret.host).close()
 
@@ -209,3 +194,56 @@ def test_ipv6_bind(proxy_factory: ProxyPool, test_secret: KitSecret) -> None:
         owners.add(owner_of(proxy, client))
         client.close()
     assert len(owners) == 2
+
+
+def test_metrics_exporter_sums_the_workers_and_shows_the_pool(
+    proxy_factory: ProxyPool, test_secret: KitSecret
+) -> None:
+    from tests.stats.helpers import scrape_series, total, value
+
+    metrics_port = free_port()
+    proxy = start_proxy(
+        proxy_factory,
+        workers=2,
+        overrides={
+            "stats": {"prometheus": {"enabled": True, "bind-to": f"127.0.0.1:{metrics_port}"}}
+        },
+    )
+    clients = []
+    owners: dict[int, int] = {}
+    try:
+        for _ in range(6):
+            client = open_client(proxy, test_secret.key, test_secret.host)
+            clients.append(client)
+            owner = owner_of(proxy, client)
+            owners[owner] = owners.get(owner, 0) + 1
+
+        seen: list[object] = []
+
+        def settled() -> dict | None:
+            series = scrape_series(metrics_port)
+            sessions = {
+                int(dict(labels)["pid"]): count
+                for labels, count in series.get("mtg_worker_sessions", {}).items()
+            }
+            expected = {pid: owners.get(pid, 0) for pid in worker_pids(proxy)}
+            connections = total(series, "mtg_client_connections")
+            seen[:] = [sessions, expected, connections]
+            return series if sessions == expected and connections == 6 else None
+
+        try:
+            series = wait_until(settled, 10, "metrics of both workers")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: last seen {seen}") from None
+        assert value(series, "mtg_workers", state="ready") == 2
+    finally:
+        for client in clients:
+            client.close()
+    mark = proxy.mark()
+    signal_proxy(proxy, signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", since=mark)
+    wait_until(
+        lambda: value(scrape_series(metrics_port), "mtg_reloads_total", result="success") == 1,
+        5,
+        "the reload counted",
+    )

@@ -110,7 +110,9 @@ def make_config(
         # Pinned so the start-up SNI check never asks the internet for our address.
         "public-ipv4": "127.0.0.1",
         "public-ipv6": "::1",
-        "network": {"timeout": {"tcp": "2s", "handshake": "5s"}},
+        # Name look-ups (the start-up SNI-DNS check) go to a closed loopback port, never to
+        # the host's resolver.
+        "network": {"dns": "udp://127.0.0.1:9", "timeout": {"tcp": "2s", "handshake": "5s"}},
     }
     if fronting_port is not None:
         config["domain-fronting"] = {"ip": "127.0.0.1", "port": fronting_port}

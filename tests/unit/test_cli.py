@@ -159,7 +159,7 @@ def test_version(flag: str) -> None:
 def test_help_lists_the_commands() -> None:
     result = mtgworkers("--help")
     assert result.returncode == 0
-    for command in ("run", "simple-run", "generate-secret", "access"):
+    for command in ("run", "simple-run", "generate-secret", "access", "doctor"):
         assert f"\n  {command} " in result.stdout
 
 
@@ -170,6 +170,8 @@ def test_help_lists_the_commands() -> None:
         ("simple-run", "--antireplay-cache-size"),
         ("generate-secret", "--hex"),
         ("access", "--ipv6=IP"),
+        ("access", "--qr"),
+        ("doctor", "--probe-address=ADDR"),
     ],
 )
 def test_command_help(command: str, expected: str) -> None:
@@ -314,6 +316,47 @@ def test_access_detects_public_addresses_from_an_echo_service(tmp_path: Path) ->
         assert request == {"path": "/ip", "accept": "text/plain", "ua": "curl/8.5.0"}
 
 
+def test_access_qr_prints_each_link_with_its_qr_code(tmp_path: Path) -> None:
+    import io
+
+    import segno
+
+    result = mtgworkers(
+        "access", "--qr", "--ipv4", "1.2.3.4", "--ipv6", "2001:db8::1", write_config(tmp_path, "")
+    )
+    assert result.returncode == 0, result.stderr
+    expected = io.StringIO()
+    for label, ip, server in (
+        ("IPv4", "1.2.3.4", "1.2.3.4"),
+        ("IPv6", "2001:db8::1", "2001%3Adb8%3A%3A1"),
+    ):
+        link = f"https://t.me/proxy?port=443&secret={SECRET_B64}&server={server}"
+        expected.write(f"{label} {ip} port 443:\n{link}\n")
+        segno.make(link, error="m").terminal(out=expected, compact=True)
+        expected.write("\n")
+    assert result.stdout == expected.getvalue()
+    assert "\u2580" in result.stdout or "\u2584" in result.stdout  # half blocks, no escapes
+    assert "\x1b[" not in result.stdout
+
+
+def test_access_qr_without_any_address(tmp_path: Path) -> None:
+    result = mtgworkers("access", "--qr", write_config(tmp_path, ""))
+    assert result.returncode == 0
+    assert result.stdout == (
+        "no public address known: pass --ipv4/--ipv6 or set public-ipv4/public-ipv6\n"
+    )
+
+
+def test_access_uses_the_doctor_echo_urls_of_the_config(tmp_path: Path) -> None:
+    EchoHandler.seen = []
+    with echo_server("127.0.0.1") as url:
+        config = write_config(tmp_path, f'[doctor]\nip-echo-urls = ["{url}"]\n')
+        result = mtgworkers("access", config)  # $MTGWORKERS_IP_ECHO_URLS points nowhere
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ipv4"]["ip"] == "127.0.0.1"
+    assert EchoHandler.seen
+
+
 def test_access_without_any_address_prints_only_the_secret(tmp_path: Path) -> None:
     result = mtgworkers("access", write_config(tmp_path, ""))
     assert result.returncode == 0
@@ -386,21 +429,35 @@ def test_config_path_is_a_directory(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# run / simple-run (in process, with a fake server.serve)
+# run / simple-run (in process, with a fake supervisor.run)
+
+
+class _FakeSupervisorError(Exception):
+    pass
 
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Replace mtgworkers.server with a module whose serve() records its config."""
-    configs: list[Any] = []
+    """Replace the supervisor package with one whose run() records its config.
 
-    def serve(config: Any) -> int:
+    The config paths it was given are in ``sys.modules["supervisor"].paths``; a config with
+    ``[supervisor] workers = 13`` makes it fail like a port that is taken.
+    """
+    configs: list[Any] = []
+    paths: list[str | None] = []
+
+    def run(config: Any, config_path: str | None = None) -> int:
         configs.append(config)
+        paths.append(config_path)
+        if config.supervisor.workers == 13:
+            raise _FakeSupervisorError("cannot listen on 127.0.0.1:3128: Address already in use")
         return 7
 
-    fake = types.ModuleType("mtgworkers.server")
-    fake.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mtgworkers.server", fake)
+    fake = types.ModuleType("supervisor")
+    fake.run = run  # type: ignore[attr-defined]
+    fake.paths = paths  # type: ignore[attr-defined]
+    fake.SupervisorError = _FakeSupervisorError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "supervisor", fake)
     return configs
 
 
@@ -446,6 +503,36 @@ def test_run_without_debug_prints_no_configuration(
 ) -> None:
     assert cli.main(["run", write_config(tmp_path, "")]) == 7
     assert capsys.readouterr().out == ""
+
+
+def test_run_gives_the_supervisor_the_absolute_config_path(
+    tmp_path: Path, served: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path, "[supervisor]\nworkers = 3\n")
+    monkeypatch.chdir(os.path.dirname(config))
+    assert cli.main(["run", os.path.basename(config)]) == 7
+    (cfg,) = served
+    assert cfg.supervisor.workers == 3
+    # SIGHUP re-reads the file: the path must not depend on the working directory later
+    assert sys.modules["supervisor"].paths == [config]  # type: ignore[attr-defined]
+
+
+def test_supervisor_start_errors_are_cli_errors(
+    tmp_path: Path, served: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "[supervisor]\nworkers = 13\n")
+    assert cli.main(["run", config]) == 1
+    assert capsys.readouterr().err == (
+        "mtgworkers: error: cannot listen on 127.0.0.1:3128: Address already in use\n"
+    )
+
+
+def test_simple_run_workers_flag(served: list[Any]) -> None:
+    assert cli.main(["simple-run", "--workers=3", "127.0.0.1:3128", SECRET_HEX]) == 7
+    assert cli.main(["simple-run", "--workers", "0", "127.0.0.1:3128", SECRET_HEX]) == 7
+    assert [cfg.supervisor.workers for cfg in served] == [3, 0]
+    # simple-run has no file to re-read on SIGHUP
+    assert sys.modules["supervisor"].paths == [None, None]  # type: ignore[attr-defined]
 
 
 def test_simple_run_builds_mtgs_config(
@@ -538,6 +625,9 @@ def test_simple_run_flags(served: list[Any], capsys: pytest.CaptureFixture[str])
         (("--dc-override", "two=1.2.3.4:443"), "incorrect dc-override: 'two=1.2.3.4:443'"),
         (("--dc-override", "0=1.2.3.4:443"), "incorrect dc-override: incorrect dc number"),
         (("--dc-override", "2=1.2.3.4"), "incorrect dc-override: missing port"),
+        (("--workers", "many"), "incorrect workers: 'many' is not an integer"),
+        (("--workers", "-1"), "incorrect workers: negative number -1 is not allowed"),
+        (("--workers", "999"), "incorrect workers: value should be 0..256"),
     ],
 )
 def test_simple_run_errors_name_the_flag(

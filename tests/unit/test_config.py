@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtgworkers import config
+from mtgworkers import config, publicip
 from mtgworkers.config import (
     Config,
     ConfigError,
@@ -992,7 +992,12 @@ def test_example_file_documents_every_key(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "all.toml"
     path.write_text(_uncomment_example())
     (tmp_path / "allowed-clients.netset").write_text("10.0.0.0/8\n")
+    (tmp_path / "fronting-ca.pem").write_text("")
     cfg = load(path)
+    # the documented default IP echo services are the ones publicip really uses
+    assert cfg.doctor == config.Doctor(
+        ip_echo_urls=publicip.DEFAULT_URLS, ca_file=str(tmp_path / "fronting-ca.pem")
+    )
     # every value in the example is valid, and every section's keys are known
     assert cfg.defense.allowlist.urls == (str(tmp_path / "allowed-clients.netset"),)
     assert cfg.dc_overrides == {
@@ -1058,6 +1063,10 @@ def _keys(data: dict[str, Any], prefix: str = "") -> list[str]:
         ("supervisor.graceful-timeout", "0", "supervisor.graceful_timeout", 30.0),
         ("supervisor.worker-max-rss", "0", "supervisor.worker_max_rss", None),
         ("supervisor.pid-file", "", "supervisor.pid_file", None),
+        ("doctor.ntp-servers", [], "doctor.ntp_servers", config.Doctor().ntp_servers),
+        ("doctor.ip-echo-urls", [], "doctor.ip_echo_urls", ()),
+        ("doctor.ca-file", "", "doctor.ca_file", None),
+        ("doctor.timeout", "0", "doctor.timeout", 5.0),
     ],
 )
 def test_zero_values_mean_default(key: str, zero: Any, attribute: str, default: Any) -> None:
@@ -1292,6 +1301,98 @@ def test_supervisor_absolute_pid_file_needs_no_base_dir() -> None:
 )
 def test_supervisor_errors_name_the_key(key: str, value: Any, message: str) -> None:
     assert error_of(minimal(supervisor={key: value})).startswith(message)
+
+
+# --- [doctor]
+
+
+def test_doctor_table_is_optional_and_has_documented_defaults() -> None:
+    cfg = parse(minimal())
+    assert cfg.doctor == config.Doctor(
+        ntp_servers=(
+            ("0.pool.ntp.org", 123),
+            ("1.pool.ntp.org", 123),
+            ("time.google.com", 123),
+            ("time.cloudflare.com", 123),
+        ),
+        ip_echo_urls=(),
+        ca_file=None,
+        timeout=5.0,
+    )
+    assert cfg.to_json_dict()["doctor"] == {
+        "ntp-servers": [
+            "0.pool.ntp.org",
+            "1.pool.ntp.org",
+            "time.google.com",
+            "time.cloudflare.com",
+        ],
+        "ip-echo-urls": [],
+        "ca-file": None,
+        "timeout": "5s",
+    }
+
+
+def test_doctor_values(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            secret = "{SECRET_HEX}"
+            bind-to = "127.0.0.1:8443"
+
+            [doctor]
+            ntp-servers = ["127.0.0.1:1123", "ntp.example", "[::1]:9", "::1"]
+            ip-echo-urls = ["http://127.0.0.1:8080/ip", "HTTPS://u:pw@echo.example"]
+            ca-file = "certs/ca.pem"
+            timeout = "1.5s"
+            """
+        )
+    )
+    cfg = load(path)
+    assert cfg.doctor == config.Doctor(
+        ntp_servers=(("127.0.0.1", 1123), ("ntp.example", 123), ("::1", 9), ("::1", 123)),
+        ip_echo_urls=("http://127.0.0.1:8080/ip", "https://u:pw@echo.example"),
+        ca_file=str(tmp_path / "certs" / "ca.pem"),
+        timeout=1.5,
+    )
+    data = cfg.to_json_dict()["doctor"]
+    assert data == {
+        "ntp-servers": ["127.0.0.1:1123", "ntp.example", "[::1]:9", "::1"],
+        "ip-echo-urls": ["http://127.0.0.1:8080/ip", "https://u:REDACTED@echo.example"],
+        "ca-file": str(tmp_path / "certs" / "ca.pem"),
+        "timeout": "1.5s",
+    }
+    data["ip-echo-urls"] = list(cfg.doctor.ip_echo_urls)
+    assert parse(minimal(doctor=data)).doctor == cfg.doctor
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ntp-servers", ["bad host"], "doctor.ntp-servers[0]: host is neither an IP address"),
+        ("ntp-servers", ["h.example:0"], "doctor.ntp-servers[0]: incorrect port number"),
+        ("ntp-servers", ["", "x"], "doctor.ntp-servers[0]: empty host"),
+        ("ntp-servers", "pool.ntp.org", "doctor.ntp-servers: expected an array of strings"),
+        ("ip-echo-urls", ["ftp://h.example"], "doctor.ip-echo-urls[0]: unsupported schema: ftp"),
+        ("ip-echo-urls", ["https://"], "doctor.ip-echo-urls[0]: url has to have a scheme and a"),
+        ("ip-echo-urls", ["ifconfig.co"], "doctor.ip-echo-urls[0]: unsupported schema: (none)"),
+        ("ca-file", "/nonexistent/ca.pem", "doctor.ca-file: cannot use file /nonexistent/ca.pem"),
+        ("ca-file", "/tmp", "doctor.ca-file: value is not a regular file: /tmp"),
+        ("timeout", "-1s", "doctor.timeout: duration has to be a positive"),
+        ("timeout", 5, "doctor.timeout: expected a string, got integer"),
+        ("deadline", "60s", "doctor.deadline: unknown key"),
+    ],
+)
+def test_doctor_errors_name_the_key(key: str, value: Any, message: str) -> None:
+    assert error_of(minimal(doctor={key: value})).startswith(message)
+
+
+def test_doctor_ca_file_is_relative_to_the_config(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ca.pem").write_text("")
+    cfg = parse(minimal(doctor={"ca-file": "ca.pem"}), base_dir=str(tmp_path))
+    assert cfg.doctor.ca_file == str(tmp_path / "ca.pem")
 
 
 def test_supervisor_pid_file_that_is_a_directory(tmp_path: pathlib.Path) -> None:
