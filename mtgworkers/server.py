@@ -187,7 +187,9 @@ class Worker:
         self.replay_filter: ReplayFilter = replay_filter
         self.limiter: Limiter = limiter or LocalLimiter(config.concurrency)
         self.events = events.EventStream(on_error=self._observer_failed)
+        # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
+        self._accepting = 0  # accepted, connection_made not run yet
         self.own_fronting_socknames: set[tuple[Any, ...]] = set()
         fronting = config.domain_fronting
         self.fronting_address = (fronting.host or self.secret.host, fronting.port)
@@ -225,7 +227,7 @@ class Worker:
         await self._check_fronting_loop()
         for sock in sockets:
             server = await self.loop.create_server(
-                lambda: ClientSession(self), sock=sock, backlog=LISTEN_BACKLOG
+                self._new_session, sock=sock, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
         self._last_flush = self.loop.time()
@@ -284,6 +286,16 @@ class Worker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._background.append(self.loop.create_task(coro))
 
+    def _new_session(self) -> ClientSession:
+        # Called by the loop when it accepts; connection_made follows a loop turn later.
+        self._accepting += 1
+        return ClientSession(self)
+
+    def accepted(self, session: ClientSession) -> None:
+        """A session's connection_made ran: it is live until its ``_finish``."""
+        self._accepting -= 1
+        self.sessions.add(session)
+
     def stop_accepting(self) -> None:
         """Stop accepting new connections; running sessions go on.
 
@@ -299,7 +311,9 @@ class Worker:
         then cut the rest. Returns how many sessions had to be cut."""
         self.stop_accepting()
         deadline = self.loop.time() + timeout
-        while self.sessions and self.loop.time() < deadline:
+        # Connections accepted in the same loop turn as stop_accepting() become sessions
+        # only when their connection_made runs: wait for those too.
+        while (self.sessions or self._accepting > 0) and self.loop.time() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - self.loop.time())))
         remaining = len(self.sessions)
         await self.stop()

@@ -125,6 +125,7 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         worker = self.worker
+        worker.accepted(self)
         self.transport = transport  # type: ignore[assignment]
         self._open_transports = 1
         peer = transport.get_extra_info("peername")
@@ -184,7 +185,6 @@ class ClientSession(asyncio.Protocol):
             return
         self.started = True
         self.stream_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
-        worker.sessions.add(self)
         worker.events.send(events.EventStart(self.stream_id, ip))
         if _log.isEnabledFor(logging.INFO):
             _log.info("Stream has been started", extra=self._fields())
@@ -554,9 +554,9 @@ class ClientSession(asyncio.Protocol):
         worker = self.worker
         if self.front_sockname is not None:
             worker.own_fronting_socknames.discard(self.front_sockname)
+        worker.sessions.discard(self)
         if not self.started:
             return
-        worker.sessions.discard(self)
         worker.limiter.release()
         self.flush_traffic()
         worker.events.send(events.EventFinish(self.stream_id))

@@ -129,6 +129,16 @@ RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS)
 RELOAD_RESULTS: Final = ("success", "failure")
 WORKER_STATES: Final = ("booting", "ready", "retiring")
 
+# Signals a supervised exporter ignores (the same set as the workers).
+IGNORED_SIGNALS: Final = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
 TEXT_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE: Final = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -390,8 +400,8 @@ class MultiprocReader:
     def _update_index(self, name: str, inode: int, data: bytes) -> _FileIndex:
         """The index of ``data`` (file ``name``), extended by the keys added since the
         last scrape. Raises ValueError when the file is not in the expected format."""
-        if len(data) < 8:
-            raise ValueError("shorter than its header")
+        if len(data) < 8 or _USED.unpack_from(data, 0)[0] == 0:
+            return _FileIndex(inode)  # being created by its worker right now: no values yet
         used = _USED.unpack_from(data, 0)[0]
         if used > len(data):
             raise ValueError(f"header says {used} bytes are used, the file has {len(data)}")
@@ -780,8 +790,9 @@ def run_exporter(
     stop: threading.Event | None = None,
     parent_pid: int | None = None,
 ) -> None:
-    """Serve the metrics until ``stop`` is set, SIGTERM/SIGINT arrives (when called in
-    the main thread), or the process ``parent_pid`` is no longer our parent.
+    """Serve the metrics until ``stop`` is set, SIGTERM or SIGQUIT arrives (SIGINT too
+    without ``parent_pid``; signals only when called in the main thread), or the process
+    ``parent_pid`` is no longer our parent.
 
     ``bind_to`` is an address to listen on or an already bound socket (the supervisor's);
     ``http_path`` is the normalised ``[stats.prometheus] http-path``; ``multiproc_dir``
@@ -794,7 +805,16 @@ def run_exporter(
     server = _MetricsServer(sock, scraper, http_path)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        stopping = [signal.SIGTERM, signal.SIGQUIT]
+        if parent_pid is None:
+            stopping.append(signal.SIGINT)
+        else:
+            # Under a supervisor: a terminal's Ctrl-C, hang-up or job control signals go to
+            # the whole process group, but they are the supervisor's to handle (it stops
+            # us with SIGTERM when it is done), like its workers.
+            for signum in IGNORED_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+        for signum in stopping:
             signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="http", daemon=True)
     thread.start()

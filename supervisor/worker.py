@@ -157,43 +157,52 @@ def _report(fd: int, **message: object) -> None:
 def _serve(spec: WorkerSpec) -> int:
     import uvloop
 
-    from mtgworkers.server import StartupError, Worker, attach_stats
-
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    detach_stats: Callable[[], None] | None = None
+    detach: list[Callable[[], None]] = []
     try:
-        try:
-            replay_filter: ReplayFilter = (
-                spec.replay.open_filter() if spec.replay is not None else NoopFilter()
-            )
-            limiter = spec.scoreboard.limiter(spec.cell, spec.config.concurrency)
-            worker = Worker(
-                spec.config,
-                loop,
-                replay_filter=replay_filter,
-                limiter=limiter,
-                startup_checks=spec.startup_checks,
-            )
-            # Metrics files are named after the cell: unique among live workers, and the
-            # replacement of a dead worker continues its counters.
-            detach_stats = attach_stats(worker, spec.cell)
-            loop.run_until_complete(worker.start(sockets=[spec.sock]))
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
-            _report(spec.report_fd, event="error", error=reason)
-            return WORKER_BOOT_ERROR
-        lifecycle = _Lifecycle(worker, spec, loop)
-        lifecycle.install()
-        _report(spec.report_fd, event="ready")
-        _log.debug("worker is serving", extra={"generation": spec.generation})
-        loop.run_until_complete(lifecycle.done)
-        return 0
+        # One run_until_complete() for boot and service: uvloop only listens for signals
+        # while it runs, and a SIGTERM that arrived between two runs would wait for the
+        # next signal before its handler ran.
+        return loop.run_until_complete(_boot_and_serve(spec, loop, detach))
     finally:
-        if detach_stats is not None:
+        for detach_stats in detach:
             with contextlib.suppress(Exception):
                 detach_stats()  # after the sessions ended: their last traffic is counted
         loop.close()
+
+
+async def _boot_and_serve(
+    spec: WorkerSpec, loop: asyncio.AbstractEventLoop, detach: list[Callable[[], None]]
+) -> int:
+    from mtgworkers.server import StartupError, Worker, attach_stats
+
+    try:
+        replay_filter: ReplayFilter = (
+            spec.replay.open_filter() if spec.replay is not None else NoopFilter()
+        )
+        limiter = spec.scoreboard.limiter(spec.cell, spec.config.concurrency)
+        worker = Worker(
+            spec.config,
+            loop,
+            replay_filter=replay_filter,
+            limiter=limiter,
+            startup_checks=spec.startup_checks,
+        )
+        # Metrics files are named after the cell: unique among live workers, and the
+        # replacement of a dead worker continues its counters.
+        detach.append(attach_stats(worker, spec.cell))
+        await worker.start(sockets=[spec.sock])
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+        _report(spec.report_fd, event="error", error=reason)
+        return WORKER_BOOT_ERROR
+    lifecycle = _Lifecycle(worker, spec, loop)
+    lifecycle.install()  # before "ready": the supervisor may retire us right after it
+    _report(spec.report_fd, event="ready")
+    _log.debug("worker is serving", extra={"generation": spec.generation})
+    await lifecycle.done
+    return 0
 
 
 class _Lifecycle:

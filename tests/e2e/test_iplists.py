@@ -13,6 +13,9 @@ from tests.support.website import Website
 
 pytestmark = pytest.mark.e2e
 
+# Every worker loads the lists itself: wait until all of them have.
+WORKERS = 2
+
 
 def _closed_without_reply(host: str, port: int) -> float:
     """Connect, send a byte, and return how long the proxy took to close on us."""
@@ -31,8 +34,13 @@ def test_blocklisted_client_is_closed_without_fronting(
 ) -> None:
     netset = tmp_path / "block.netset"
     netset.write_text("# firehol style\n10.0.0.0/8\n127.0.0.0/8 # loopback\n192.0.2.1\n")
-    proxy = proxy_factory({"defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}}})
-    proxy.wait_for_log("ip list was updated", logger="blocklist.ipblockist.firehol")
+    proxy = proxy_factory(
+        {
+            "supervisor": {"workers": WORKERS},
+            "defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}},
+        }
+    )
+    proxy.wait_for_log("ip list was updated", logger="blocklist.ipblockist.firehol", count=WORKERS)
     assert _closed_without_reply(proxy.host, proxy.port) < 2.0
     proxy.wait_for_log("ip was blacklisted", ip="127.0.0.1")
     assert website.connections == []  # blocked clients are not fronted
@@ -44,9 +52,12 @@ def test_allowlist_admits_only_listed_networks(
     netset = tmp_path / "allow.netset"
     netset.write_text("198.51.100.0/24\n")
     proxy = proxy_factory(
-        {"defense": {"allowlist": {"enabled": True, "urls": [str(netset)], "update-each": "1s"}}}
+        {
+            "supervisor": {"workers": WORKERS},
+            "defense": {"allowlist": {"enabled": True, "urls": [str(netset)], "update-each": "1s"}},
+        }
     )
-    proxy.wait_for_log("ip list was updated", logger="allowlist.ipblockist.firehol")
+    proxy.wait_for_log("ip list was updated", logger="allowlist.ipblockist.firehol", count=WORKERS)
     assert _closed_without_reply(proxy.host, proxy.port) < 2.0
     proxy.wait_for_log("ip was rejected by allowlist", ip="127.0.0.1")
 
@@ -54,7 +65,7 @@ def test_allowlist_admits_only_listed_networks(
     netset.write_text("198.51.100.0/24\n127.0.0.1\n")
     mark = proxy.mark()
     # the round in flight may have read the old file: wait for one more
-    proxy.wait_for_log("ip list was updated", since=mark, timeout=10, count=2)
+    proxy.wait_for_log("ip list was updated", since=mark, timeout=10, count=2 * WORKERS)
     client = client_factory(proxy)
     client.handshake()
     client.send(b"allowed")
@@ -64,9 +75,14 @@ def test_allowlist_admits_only_listed_networks(
 def test_a_bad_line_keeps_the_entries_before_it(proxy_factory: ProxyPool, tmp_path: Path) -> None:
     netset = tmp_path / "block.netset"
     netset.write_text("127.0.0.1\nnot-an-address\n10.0.0.0/8\n")
-    proxy = proxy_factory({"defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}}})
+    proxy = proxy_factory(
+        {
+            "supervisor": {"workers": WORKERS},
+            "defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}},
+        }
+    )
     failed = proxy.wait_for_log("update has failed")
     assert failed["filename"] == str(netset)
-    proxy.wait_for_log("ip list was updated")
+    proxy.wait_for_log("ip list was updated", count=WORKERS)
     _closed_without_reply(proxy.host, proxy.port)
     proxy.wait_for_log("ip was blacklisted", ip="127.0.0.1")

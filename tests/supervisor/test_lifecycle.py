@@ -111,14 +111,25 @@ def test_killed_supervisor_leaves_no_worker_behind(
     wait_until(lambda: all(_gone(pid) for pid in pids), 3, "the workers to exit")
     assert client.wait_closed(2) in ("eof", "reset")
     client.close()
-    # its shared memory could not be removed by itself; the next start removes it
-    assert os.path.exists(scoreboard)
+    # Its shared memory could not be removed by itself; the next start removes it (or any
+    # other supervisor starting on this machine: the test suites run several at once).
+    assert os.path.exists(scoreboard) or _swept_by_another(proxy_factory, scoreboard)
     second = start_proxy(proxy_factory, workers=1)
-    record = second.wait_for_log(
-        "removed shared memory of a supervisor that is gone", path=scoreboard
-    )
-    assert record["level"] == "info"
     assert not os.path.exists(scoreboard)
+    if not _swept_by_another(proxy_factory, scoreboard):
+        record = second.wait_for_log(
+            "removed shared memory of a supervisor that is gone", path=scoreboard
+        )
+        assert record["level"] == "info"
+
+
+def _swept_by_another(proxy_factory: ProxyPool, path: str) -> bool:
+    """True when the file is gone but none of this test's proxies logged its removal."""
+    ours = any(
+        p.logs_matching("removed shared memory of a supervisor that is gone", path=path)
+        for p in proxy_factory.started
+    )
+    return not os.path.exists(path) and not ours
 
 
 def test_port_taken_by_another_program_fails_fast_with_a_clear_message(

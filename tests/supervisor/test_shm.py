@@ -272,3 +272,10 @@ def test_pid_file(tmp_path: Path) -> None:
     assert not os.path.exists(path)
     with pytest.raises(PidFileError, match="cannot write pid-file"):
         write_pid_file(str(tmp_path / "missing" / "p.pid"), os.getpid())
+
+
+def test_workers_zero_means_one_per_usable_cpu() -> None:
+    from supervisor.arbiter import resolve_workers
+
+    assert resolve_workers(0) == len(os.sched_getaffinity(0))
+    assert resolve_workers(3) == 3

@@ -113,6 +113,8 @@ def make_config(
         # Name look-ups (the start-up SNI-DNS check) go to a closed loopback port, never to
         # the host's resolver.
         "network": {"dns": "udp://127.0.0.1:9", "timeout": {"tcp": "2s", "handshake": "5s"}},
+        # SIGTERM drains sessions for up to graceful-timeout: keep teardowns short.
+        "supervisor": {"graceful-timeout": "1s"},
     }
     if fronting_port is not None:
         config["domain-fronting"] = {"ip": "127.0.0.1", "port": fronting_port}
