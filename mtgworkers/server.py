@@ -13,12 +13,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from mtgworkers import events
 from mtgworkers.dcs import DCTable
@@ -119,6 +122,20 @@ def _local_addresses() -> set[str]:
         return set()
 
 
+def set_client_keepalive(sock: socket.socket) -> None:
+    """mtg's fixed keep-alive for client sockets (idle 30 s, interval 10 s, 3 probes),
+    set on the listening socket: Linux copies it to every accepted socket, which saves
+    four system calls per client. Phones behind NAT vanish without a FIN; their
+    sessions must not pile up."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass  # not fatal: the idle timeout still ends the session
+
+
 def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Create a non-blocking SO_REUSEPORT listening TCP socket on ``host:port``.
 
@@ -132,6 +149,7 @@ def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        set_client_keepalive(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -164,6 +182,11 @@ class Worker:
         self.config = config
         self.loop = loop
         self.clock = clock
+        # Per-process CSPRNG for handshake randomness (noise, keys, frames, stream ids):
+        # an AES-256-CTR keystream under a key from the OS. One getrandom() per worker
+        # instead of five per handshake, and ~15x cheaper for the 2.5-4.7 KB of noise.
+        # Built after fork, so no two workers share a stream.
+        self._rng = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
         self.secret = config.secret
         timeouts = config.network.timeout
         self.handshake_timeout = timeouts.handshake
@@ -285,6 +308,10 @@ class Worker:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._background.append(self.loop.create_task(coro))
+
+    def random_bytes(self, size: int) -> bytes:
+        """``size`` bytes from the worker's CSPRNG (see ``__init__``)."""
+        return self._rng.update(bytes(size))
 
     def _new_session(self) -> ClientSession:
         # Called by the loop when it accepts; connection_made follows a loop turn later.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -138,9 +137,6 @@ class ClientSession(asyncio.Protocol):
             )
             self._close_now()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            _client_keepalive(sock)
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         if worker.proxy_protocol_listener:
             return  # the client address is known only after the PROXY header
@@ -184,7 +180,7 @@ class ClientSession(asyncio.Protocol):
             self._close_now()
             return
         self.started = True
-        self.stream_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        self.stream_id = base64.urlsafe_b64encode(worker.random_bytes(16)).rstrip(b"=").decode()
         worker.events.send(events.EventStart(self.stream_id, ip))
         if _log.isEnabledFor(logging.INFO):
             _log.info("Stream has been started", extra=self._fields())
@@ -243,7 +239,10 @@ class ClientSession(asyncio.Protocol):
             return
 
         try:
-            self.transport.write(faketls.build_server_hello(hello, worker.secret.key))  # type: ignore[union-attr]
+            welcome = faketls.build_server_hello(
+                hello, worker.secret.key, urandom=worker.random_bytes
+            )
+            self.transport.write(welcome)  # type: ignore[union-attr]
         except Exception as exc:  # a transport in error state
             _log.info("cannot send welcome packet", extra={"error": str(exc)})
             self._close_now()
@@ -333,7 +332,9 @@ class ClientSession(asyncio.Protocol):
             sock.close()
             return
 
-        frame, dc_encryptor, dc_decryptor = obfs2.generate_dc_frame(dc, handshake.tag)
+        frame, dc_encryptor, dc_decryptor = obfs2.generate_dc_frame(
+            dc, handshake.tag, urandom=worker.random_bytes
+        )
         client_transport = self.transport
         assert client_transport is not None
         dc_side = TelegramSide(
@@ -379,6 +380,8 @@ class ClientSession(asyncio.Protocol):
         except Exception as exc:
             _log.error("session failed", extra=self._fields(error=repr(exc)), exc_info=exc)
             self._abort()
+        finally:
+            self._task = None  # a finished task would stay referenced for the whole session
 
     # -- domain fronting ------------------------------------------------------------------
 
@@ -578,18 +581,6 @@ class ClientSession(asyncio.Protocol):
             fields["dc"] = self.dc
         fields.update(extra)
         return fields
-
-
-def _client_keepalive(sock: socket.socket) -> None:
-    """mtg's fixed keep-alive for client sockets (idle 30 s, interval 10 s, 3 probes):
-    phones behind NAT vanish without a FIN, and their sessions must not pile up."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except OSError:
-        pass  # not fatal: the idle timeout still ends the session
 
 
 def _normalise_ip(ip: str) -> str:

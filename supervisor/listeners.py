@@ -21,6 +21,7 @@ from __future__ import annotations
 import socket
 
 from mtgworkers.config import HostPort
+from mtgworkers.server import set_client_keepalive
 
 __all__ = ["ListenError", "bind_slot_socket", "tcp_migrate_req"]
 
@@ -43,6 +44,7 @@ def bind_slot_socket(address: HostPort) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        set_client_keepalive(sock)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError as exc:

@@ -37,14 +37,17 @@ Why this keeps every promise a scrape relies on:
 - No values exist before fork: the value class with its process identifier and every
   value are created by the observer, in the worker process (client_python#127, #431).
 
-Traffic is counted per session by the proxy and arrives here in batches
-(``EventTraffic`` every ~5 s per session and at its end), so a value update (~1 µs, one
-uncontended lock and one 16-byte store into the mmap) happens a handful of times per
-session, never per chunk.
+Hot path: traffic is counted per session by the proxy and arrives here in batches
+(``EventTraffic`` every ~5 s per session and at its end). Once :meth:`PrometheusObserver.start`
+ran, an event only adds to a number in a dict; the changes are written to the files
+once a second (:data:`WRITE_EVERY`), one mmap store per changed series. A scrape can
+therefore lag a second behind, and a worker killed with SIGKILL loses at most its last
+second of increments (its counters still never go down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import glob
@@ -80,6 +83,8 @@ LOCK_PREFIX: Final = "worker-"
 _WORKER_ID_RE = re.compile(r"[0-9A-Za-z-]{1,32}")
 _DIR_RE = re.compile(re.escape(DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+\Z")
 _LIVE_GAUGE_RE = re.compile(r"gauge_live[a-z]+_([0-9A-Za-z-]+)\.db\Z")
+# Changes are collected in memory and written to the files this often (seconds).
+WRITE_EVERY = 1.0
 # How long a starting worker waits for its id's lock (the exporter holds it for a moment
 # while it removes a dead predecessor's files).
 CLAIM_TIMEOUT = 2.0
@@ -350,8 +355,10 @@ class PrometheusObserver:
 
     Create it in the worker process (after fork), before the worker emits events. It
     claims ``worker_id`` in ``multiproc_dir`` (see the module docstring) and opens the
-    value files; :meth:`close` releases both. Raises :class:`StatsError` when the id is
-    held by another live process, OSError when the directory is unusable.
+    value files; :meth:`close` writes what is pending and releases both. Until
+    :meth:`start` is called every change is written at once; after it, changes are
+    written once a second from a timer on the worker's loop. Raises :class:`StatsError`
+    when the id is held by another live process, OSError when the directory is unusable.
     """
 
     def __init__(self, metric_prefix: str, worker_id: int | str, multiproc_dir: str) -> None:
@@ -369,15 +376,24 @@ class PrometheusObserver:
         # of prometheus-client is touched, and nothing made before fork is reused.
         self._value_class = values.MultiProcessValue(process_identifier=lambda: ident)
         self._streams: dict[str, _Stream] = {}
+        # Changes not yet written (after start()): value -> amount to add.
+        self._pending: dict[Value, float] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._client_connections: dict[str, Value] = {}
         self._fronting_connections: dict[str, Value] = {}
         self._telegram: dict[tuple[str, int], _TelegramValues] = {}
         self._ip_blocklisted: dict[bool, Value] = {}
         self._iplist_size: dict[bool, Value] = {}
-        # mtg's unlabelled counters exist from the start (0 until the first event).
-        self._domain_fronting = self._value(DOMAIN_FRONTING)
-        self._concurrency_limited = self._value(CONCURRENCY_LIMITED)
-        self._replay_attacks = self._value(REPLAY_ATTACKS)
+        try:
+            # mtg's unlabelled counters exist from the start (0 until the first event).
+            self._domain_fronting = self._value(DOMAIN_FRONTING)
+            self._concurrency_limited = self._value(CONCURRENCY_LIMITED)
+            self._replay_attacks = self._value(REPLAY_ATTACKS)
+        except BaseException:
+            self._value_class.close_all_files()
+            os.close(self._lock_fd)
+            raise
         self._fronting_traffic: dict[bool, Value] = {}
         self._handlers: dict[type, Callable[[Any], None]] = {
             events.EventStart: self._on_start,
@@ -411,21 +427,55 @@ class PrometheusObserver:
         if handler is not None:
             handler(event)
 
-    def start(self, loop: object) -> None:
-        """Nothing to schedule: values are written as events arrive."""
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on, collect changes in memory and write them every
+        :data:`WRITE_EVERY` seconds on ``loop`` (before: every change is written at once)."""
+        self._loop = loop
+        if self._pending is None:
+            self._pending = {}
+        if self._timer is None:
+            self._timer = loop.call_later(WRITE_EVERY, self._tick)
+
+    def flush(self) -> None:
+        """Write the changes collected since the last write into the files."""
+        pending = self._pending
+        if pending:
+            changes = list(pending.items())
+            pending.clear()
+            for value, amount in changes:
+                if amount:
+                    value.inc(amount)
 
     def close(self) -> None:
-        """Close the value files, delete this worker's live gauges, release the id.
+        """Write what is pending, close the value files, delete this worker's live gauges,
+        release the id.
 
         Counter files stay: their totals belong to the proxy, not to this process.
         """
         if self._lock_fd is None:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        self._pending = None
         self._value_class.close_all_files()
         _remove_live_gauges(self.multiproc_dir, self.worker_id)
         os.close(self._lock_fd)
         self._lock_fd = None
         self._streams.clear()
+
+    def _tick(self) -> None:
+        self.flush()
+        if self._loop is not None:
+            self._timer = self._loop.call_later(WRITE_EVERY, self._tick)
+
+    def _add(self, value: Value, amount: float) -> None:
+        pending = self._pending
+        if pending is None:
+            value.inc(amount)
+        else:
+            pending[value] = pending.get(value, 0.0) + amount
 
     # -- events ---------------------------------------------------------------------------
 
@@ -435,7 +485,7 @@ class PrometheusObserver:
         value = self._client_connections.get(family)
         if value is None:
             value = self._client_connections[family] = self._value(CLIENT_CONNECTIONS, family)
-        value.inc(1)
+        self._add(value, 1)
 
     def _on_connected(self, event: events.EventConnectedToDC) -> None:
         stream = self._streams.get(event.stream_id)
@@ -449,10 +499,10 @@ class PrometheusObserver:
                 ip, dc, self._value(TELEGRAM_CONNECTIONS, ip, dc)
             )
         stream.telegram = values
-        values.connections.inc(1)
+        self._add(values.connections, 1)
 
     def _on_fronting(self, event: events.EventDomainFronting) -> None:
-        self._domain_fronting.inc(1)
+        self._add(self._domain_fronting, 1)
         stream = self._streams.get(event.stream_id)
         if stream is None or stream.fronting:
             return
@@ -461,7 +511,7 @@ class PrometheusObserver:
         if value is None:
             value = self._value(DOMAIN_FRONTING_CONNECTIONS, stream.family)
             self._fronting_connections[stream.family] = value
-        value.inc(1)
+        self._add(value, 1)
 
     def _on_traffic(self, event: events.EventTraffic) -> None:
         stream = self._streams.get(event.stream_id)
@@ -481,37 +531,37 @@ class PrometheusObserver:
                     value = telegram.from_client = self._value(
                         TELEGRAM_TRAFFIC, telegram.ip, telegram.dc, FROM_CLIENT
                     )
-            value.inc(event.traffic)
+            self._add(value, event.traffic)
         elif stream.fronting:
             value = self._fronting_traffic.get(event.is_read)
             if value is None:
                 direction = TO_CLIENT if event.is_read else FROM_CLIENT
                 value = self._value(DOMAIN_FRONTING_TRAFFIC, direction)
                 self._fronting_traffic[event.is_read] = value
-            value.inc(event.traffic)
+            self._add(value, event.traffic)
 
     def _on_finish(self, event: events.EventFinish) -> None:
         stream = self._streams.pop(event.stream_id, None)
         if stream is None:
             return
-        self._client_connections[stream.family].inc(-1)
+        self._add(self._client_connections[stream.family], -1)
         if stream.telegram is not None:
-            stream.telegram.connections.inc(-1)
+            self._add(stream.telegram.connections, -1)
         if stream.fronting:
-            self._fronting_connections[stream.family].inc(-1)
+            self._add(self._fronting_connections[stream.family], -1)
 
     def _on_concurrency_limited(self, event: events.EventConcurrencyLimited) -> None:
-        self._concurrency_limited.inc(1)
+        self._add(self._concurrency_limited, 1)
 
     def _on_ip_blocklisted(self, event: events.EventIPBlocklisted) -> None:
         value = self._ip_blocklisted.get(event.is_blocklist)
         if value is None:
             value = self._value(IP_BLOCKLISTED, _ip_list(event.is_blocklist))
             self._ip_blocklisted[event.is_blocklist] = value
-        value.inc(1)
+        self._add(value, 1)
 
     def _on_replay_attack(self, event: events.EventReplayAttack) -> None:
-        self._replay_attacks.inc(1)
+        self._add(self._replay_attacks, 1)
 
     def _on_iplist_size(self, event: events.EventIPListSize) -> None:
         value = self._iplist_size.get(event.is_blocklist)

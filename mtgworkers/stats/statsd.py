@@ -29,7 +29,7 @@ from typing import Any, Final
 from mtgworkers import events
 from mtgworkers.stats.prometheus import FROM_CLIENT, TO_CLIENT, StatsError, ip_family
 
-__all__ = ["FLUSH_INTERVAL", "MAX_PACKET", "StatsdObserver", "format_line"]
+__all__ = ["FLUSH_INTERVAL", "MAX_PACKET", "StatsdObserver", "format_line", "render_tags"]
 
 MAX_PACKET: Final = 1432
 FLUSH_INTERVAL: Final = 0.1
@@ -38,6 +38,18 @@ LOST_REPORT_EVERY: Final = 60.0
 _log = logging.getLogger("mtgworkers.statsd")
 
 Tags = tuple[tuple[str, str], ...]
+
+
+def render_tags(tags: Tags, tag_format: str) -> str:
+    """The tag part of a line: ``|#k:v,k:v`` (datadog), ``,k=v,k=v`` (influxdb),
+    ``;k=v;k=v`` (graphite), ``""`` without tags. Raises ValueError for another format."""
+    if tag_format == "datadog":
+        return "|#" + ",".join(f"{k}:{v}" for k, v in tags) if tags else ""
+    if tag_format == "influxdb":
+        return "".join(f",{k}={v}" for k, v in tags)
+    if tag_format == "graphite":
+        return "".join(f";{k}={v}" for k, v in tags)
+    raise ValueError(f"unknown statsd tag format {tag_format!r}")
 
 
 def format_line(
@@ -49,26 +61,22 @@ def format_line(
     ``g``; ``tags`` are (name, value) pairs in mtg's order. Raises ValueError for an
     unknown tag format.
     """
-    metric = prefix + name
-    if not tags:
-        text = f"{metric}:{value}|{kind}"
-    elif tag_format == "datadog":
-        text = f"{metric}:{value}|{kind}|#" + ",".join(f"{k}:{v}" for k, v in tags)
-    elif tag_format == "influxdb":
-        text = metric + "".join(f",{k}={v}" for k, v in tags) + f":{value}|{kind}"
-    elif tag_format == "graphite":
-        text = metric + "".join(f";{k}={v}" for k, v in tags) + f":{value}|{kind}"
-    else:
-        raise ValueError(f"unknown statsd tag format {tag_format!r}")
-    return (text + "\n").encode()
+    return _line(prefix + name, value, kind, render_tags(tags, tag_format), tag_format)
+
+
+def _line(metric: str, value: str, kind: str, tag_text: str, tag_format: str) -> bytes:
+    if tag_format == "datadog":
+        return f"{metric}:{value}|{kind}{tag_text}\n".encode()
+    return f"{metric}{tag_text}:{value}|{kind}\n".encode()
 
 
 class _Stream:
     __slots__ = ("family", "fronting", "telegram")
 
     def __init__(self, family: str) -> None:
-        self.family = family
-        self.telegram: Tags | None = None  # (telegram_ip, dc) tags once connected
+        self.family = family  # rendered ip_family tag
+        self.telegram: tuple[str, str, str] | None = None  # rendered tags once connected:
+        # (telegram_ip+dc, ...+to_client, ...+from_client)
         self.fronting = False
 
 
@@ -103,6 +111,7 @@ class StatsdObserver:
         self._clock = clock
         self._buf = bytearray()
         self._streams: dict[str, _Stream] = {}
+        self._tag_cache: dict[tuple[tuple[str, str], ...], str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_report = clock()
@@ -179,25 +188,39 @@ class StatsdObserver:
         except OSError:  # ECONNREFUSED from an earlier datagram, EAGAIN, ENOBUFS
             self.lost += 1
 
-    def _emit(self, name: str, value: str, kind: str, tags: Tags = ()) -> None:
-        line = format_line(self.prefix, name, value, kind, tags, self.tag_format)
+    def _emit(self, name: str, value: str, kind: str, tag_text: str = "") -> None:
+        line = _line(self.prefix + name, value, kind, tag_text, self.tag_format)
         if self._buf and len(self._buf) + len(line) > self.max_packet:
             self._send()
         self._buf += line
 
+    def _tags(self, *tags: tuple[str, str]) -> str:
+        """Rendered tags, cached (label values are few: families, DC addresses, lists)."""
+        text = self._tag_cache.get(tags)
+        if text is None:
+            if len(self._tag_cache) > 10_000:
+                self._tag_cache.clear()
+            text = self._tag_cache[tags] = render_tags(tags, self.tag_format)
+        return text
+
     # -- events ---------------------------------------------------------------------------
 
     def _on_start(self, event: events.EventStart) -> None:
-        family = ip_family(event.client_ip)
+        family = self._tags(("ip_family", ip_family(event.client_ip)))
         self._streams[event.stream_id] = _Stream(family)
-        self._emit("client_connections", "+1", "g", (("ip_family", family),))
+        self._emit("client_connections", "+1", "g", family)
 
     def _on_connected(self, event: events.EventConnectedToDC) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None or stream.telegram is not None:
             return
-        stream.telegram = (("telegram_ip", event.remote_ip), ("dc", str(event.dc)))
-        self._emit("telegram_connections", "+1", "g", stream.telegram)
+        ip, dc = ("telegram_ip", event.remote_ip), ("dc", str(event.dc))
+        stream.telegram = (
+            self._tags(ip, dc),
+            self._tags(ip, dc, ("direction", TO_CLIENT)),
+            self._tags(ip, dc, ("direction", FROM_CLIENT)),
+        )
+        self._emit("telegram_connections", "+1", "g", stream.telegram[0])
 
     def _on_fronting(self, event: events.EventDomainFronting) -> None:
         self._emit("domain_fronting", "1", "c")
@@ -205,38 +228,40 @@ class StatsdObserver:
         if stream is None or stream.fronting:
             return
         stream.fronting = True
-        self._emit("domain_fronting_connections", "+1", "g", (("ip_family", stream.family),))
+        self._emit("domain_fronting_connections", "+1", "g", stream.family)
 
     def _on_traffic(self, event: events.EventTraffic) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None or event.traffic <= 0:
             return
-        direction = ("direction", TO_CLIENT if event.is_read else FROM_CLIENT)
         if stream.telegram is not None:
-            self._emit("telegram_traffic", str(event.traffic), "c", (*stream.telegram, direction))
+            tags = stream.telegram[1] if event.is_read else stream.telegram[2]
+            self._emit("telegram_traffic", str(event.traffic), "c", tags)
         elif stream.fronting:
-            self._emit("domain_fronting_traffic", str(event.traffic), "c", (direction,))
+            direction = TO_CLIENT if event.is_read else FROM_CLIENT
+            tags = self._tags(("direction", direction))
+            self._emit("domain_fronting_traffic", str(event.traffic), "c", tags)
 
     def _on_finish(self, event: events.EventFinish) -> None:
         stream = self._streams.pop(event.stream_id, None)
         if stream is None:
             return
-        self._emit("client_connections", "-1", "g", (("ip_family", stream.family),))
+        self._emit("client_connections", "-1", "g", stream.family)
         if stream.telegram is not None:
-            self._emit("telegram_connections", "-1", "g", stream.telegram)
+            self._emit("telegram_connections", "-1", "g", stream.telegram[0])
         if stream.fronting:
-            self._emit("domain_fronting_connections", "-1", "g", (("ip_family", stream.family),))
+            self._emit("domain_fronting_connections", "-1", "g", stream.family)
 
     def _on_concurrency_limited(self, event: events.EventConcurrencyLimited) -> None:
         self._emit("concurrency_limited", "1", "c")
 
     def _on_ip_blocklisted(self, event: events.EventIPBlocklisted) -> None:
         ip_list = "blocklist" if event.is_blocklist else "allowlist"
-        self._emit("ip_blocklisted", "1", "c", (("ip_list", ip_list),))
+        self._emit("ip_blocklisted", "1", "c", self._tags(("ip_list", ip_list)))
 
     def _on_replay_attack(self, event: events.EventReplayAttack) -> None:
         self._emit("replay_attacks", "1", "c")
 
     def _on_iplist_size(self, event: events.EventIPListSize) -> None:
         ip_list = "blocklist" if event.is_blocklist else "allowlist"
-        self._emit("iplist_size", str(event.size), "g", (("ip_list", ip_list),))
+        self._emit("iplist_size", str(event.size), "g", self._tags(("ip_list", ip_list)))
