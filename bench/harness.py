@@ -80,11 +80,12 @@ class Settings:
     probe_wait: float = 3.0
     strict_failures: bool = False  # smoke: any failed connection fails the scenario
     fresh_for_memory: bool = True  # memory scenarios start their own instance
+    paired_off: bool = True  # feature scenarios also measure "off" (smoke: only "on")
 
     @classmethod
     def smoke(cls) -> Settings:
         return cls(
-            duration=0.2,
+            duration=0.15,
             warmup=0.02,
             repeats=1,
             streams_many=8,
@@ -102,9 +103,10 @@ class Settings:
             dc_procs=1,
             setup_timeout=10.0,
             start_timeout=8.0,
-            probe_wait=0.6,
+            probe_wait=0.4,
             strict_failures=True,
             fresh_for_memory=False,
+            paired_off=False,
         )
 
 
@@ -573,7 +575,8 @@ def measure(
     window = Window()
     try:
         time.sleep(settings.warmup)
-        ctx.load.go()  # opens the latency window (rtt samples)
+        if job["kind"] in ("rtt", "handshake"):
+            ctx.load.go()  # opens the latency window (the rates come from the counters)
         before = ctx.load.snapshot()
         probe = CpuProbe(ctx, instance)
         end = time.monotonic() + settings.duration
@@ -633,6 +636,7 @@ class Context:
         self.dc = DCPool(self)
         self.load = LoadPool(self)
         self._cached: dict[str, Instance] = {}
+        self._pool_lock = threading.Lock()
         pin(os.getpid(), load_cpus)
 
     def load_cpu_seconds(self) -> float:
@@ -641,20 +645,53 @@ class Context:
         own = os.times()
         return sum(tree_cpu_seconds(pid) for pid in pids) + own.user + own.system
 
-    def start(self, features: Sequence[str] = ("workers", "metrics", "sighup")) -> None:
+    def start(self) -> None:
         """Start the helper pools and probe the targets' features, all at once."""
         jobs = [
-            threading.Thread(target=self.supports, args=(target, feature), daemon=True)
+            threading.Thread(target=self.probe_target, args=(target,), daemon=True)
             for target in self.targets
-            for feature in features
-            if target.declares(feature) is None
         ]
         for job in jobs:
             job.start()
         self.dc.ensure(self.settings.dc_procs)
         self.load.ensure(self.settings.load_procs)
         for job in jobs:
-            job.join(self.settings.start_timeout + 30)
+            job.join(self.settings.start_timeout * 4 + 30)
+        # Start every target's default instance at once (the first scenario needs them).
+        errors: list[BaseException] = []
+
+        def first_instance(target: Target) -> None:
+            try:
+                self.instance(target)
+            except BaseException as exc:  # reported by the scenario that needs it
+                errors.append(exc)
+
+        jobs = [
+            threading.Thread(target=first_instance, args=(target,), daemon=True)
+            for target in self.targets
+        ]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(self.settings.start_timeout * 2 + 30)
+
+    def probe_target(self, target: Target) -> None:
+        """Decide every feature of ``target`` (declared, or probed on one instance)."""
+        unknown = []
+        for feature in FEATURES:
+            declared = target.declares(feature)
+            if declared is False:
+                self.features[(target.key, feature)] = (
+                    False,
+                    f"{target.label} has no {feature} support",
+                )
+            else:
+                unknown.append(feature)
+        if unknown:
+            trace(f"probe {target.label} {unknown}")
+            for feature, answer in probe(self, target, unknown).items():
+                self.features[(target.key, feature)] = answer
+            trace(f"  probed {target.label}: {self.features}")
 
     def instance(self, target: Target) -> Instance:
         """A running default instance of ``target``, reused between scenarios."""
@@ -688,8 +725,9 @@ class Context:
     def wait_serving(self, inst: Instance) -> None:
         job = instance_job(self, inst, {"kind": "idle", "dcs": [2]})
         job["timeout"] = job["setup_timeout"] = self.settings.start_timeout
-        ready = self.load.start(job, 1, "streams", procs=1)
-        answers = self.load.stop()
+        with self._pool_lock:  # instances may start in parallel; the pool is not shared
+            ready = self.load.start(job, 1, "streams", procs=1)
+            answers = self.load.stop()
         if not ready[0].get("ok"):
             samples = "; ".join(ready[0].get("samples", []) + answers[0].get("samples", []))
             raise StartError(f"{inst.name} does not relay a session: {samples}\n{inst.tail()}")
@@ -701,14 +739,9 @@ class Context:
 
     def supports(self, target: Target, feature: str) -> tuple[bool, str]:
         """(supported, reason) for ``workers``/``metrics``/``sighup``, probed by trying."""
-        key = (target.key, feature)
-        if key not in self.features:
-            declared = target.declares(feature)
-            if declared is False:
-                self.features[key] = (False, f"{target.label} has no {feature} support")
-            else:
-                self.features[key] = probe(self, target, feature)
-        return self.features[key]
+        if (target.key, feature) not in self.features:
+            self.probe_target(target)
+        return self.features.get((target.key, feature), (False, "probe did not finish"))
 
     def close(self) -> None:
         self.drop_instances()
@@ -725,55 +758,81 @@ def _last_log_line(inst_or_text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def probe(ctx: Context, target: Target, feature: str) -> tuple[bool, str]:
-    """Try a feature on a fresh instance; never raises."""
-    wait = ctx.settings.probe_wait
+FEATURES = ("workers", "metrics", "sighup")  # sighup last: it may end the instance
+
+
+def probe_options(features: Sequence[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if feature == "workers":
+    if "workers" in features:
         options["workers"] = 2
-    elif feature == "metrics":
+    if "metrics" in features:
         options["metrics_port"] = free_port()
+    return options
+
+
+def probe(ctx: Context, target: Target, features: Sequence[str]) -> dict[str, tuple[bool, str]]:
+    """Try ``features`` together on one fresh instance (one start instead of three); if
+    that instance does not start, try each feature alone. Never raises."""
+    options = probe_options(features)
     try:
         inst = target.launch(ctx, **options)
     except StartError as exc:
-        return False, f"`{target.label}` does not start with {feature} set: " + _last_log_line(
-            str(exc)
-        )
+        if len(features) > 1:
+            out: dict[str, tuple[bool, str]] = {}
+            for feature in features:
+                out.update(probe(ctx, target, [feature]))
+            return out
+        text = _last_log_line(str(exc))
+        return {features[0]: (False, f"`{target.label}` does not start with it set: {text}")}
     try:
-        if feature == "workers":
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if inst.memory()[2] >= 3 or not inst.alive():  # supervisor + 2 workers
-                    break
-                time.sleep(0.05)
-            processes = inst.memory()[2]
-            if processes < 3:
-                return False, f"[supervisor] workers = 2 runs {processes} process(es)"
-            return True, ""
-        if feature == "metrics":
-            port = options["metrics_port"]
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and port not in listening_ports():
-                time.sleep(0.05)
-            if port not in listening_ports():
-                return False, "[stats.prometheus] is accepted but nothing serves metrics"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as resp:
-                    if resp.status != 200:
-                        return False, f"metrics endpoint answers HTTP {resp.status}"
-            except OSError as exc:
-                return False, f"metrics endpoint does not answer: {exc}"
-            return True, ""
-        if feature == "sighup":
-            os.kill(inst.pid, signal.SIGHUP)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and inst.alive():
-                time.sleep(0.05)
-            if not inst.alive():
-                return False, f"SIGHUP ends `{target.label}` (exit code {inst.proc.returncode})"
-            if inst.port not in listening_ports():
-                return False, "the listener is gone after SIGHUP"
-            return True, ""
-        return False, f"unknown feature {feature}"
+        return {
+            feature: check_feature(ctx, target, inst, feature, options)
+            for feature in FEATURES
+            if feature in features
+        }
     finally:
+        trace(f"  probe {','.join(features)}: closing")
         inst.close()
+
+
+def check_feature(
+    ctx: Context, target: Target, inst: Instance, feature: str, options: dict[str, Any]
+) -> tuple[bool, str]:
+    wait = ctx.settings.probe_wait
+    if feature == "workers":
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if inst.memory()[2] >= 3 or not inst.alive():  # supervisor + 2 workers
+                break
+            time.sleep(0.05)
+        processes = inst.memory()[2]
+        if processes < 3:
+            return False, f"[supervisor] workers = 2 runs {processes} process(es)"
+        return True, ""
+    if feature == "metrics":
+        port = options["metrics_port"]
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and port not in listening_ports():
+            time.sleep(0.05)
+        if port not in listening_ports():
+            return False, "[stats.prometheus] is accepted but nothing serves metrics"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as resp:
+                if resp.status != 200:
+                    return False, f"metrics endpoint answers HTTP {resp.status}"
+        except OSError as exc:
+            return False, f"metrics endpoint does not answer: {exc}"
+        return True, ""
+    if feature == "sighup":
+        if not inst.alive():
+            return False, f"`{target.label}` exited before SIGHUP could be tried"
+        os.kill(inst.pid, signal.SIGHUP)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and inst.alive():
+            time.sleep(0.05)
+        if not inst.alive():
+            return False, f"SIGHUP ends `{target.label}` (exit code {inst.proc.returncode})"
+        if inst.port not in listening_ports():
+            return False, "the listener is gone after SIGHUP"
+        return True, ""
+    return False, f"unknown feature {feature}"

@@ -89,6 +89,7 @@ class Job:
         self.open_concurrency = int(spec.get("open_concurrency", 128))
         self.max_record = int(spec.get("max_record", 16379))
         self.refill = self.kind == "stream" and self.mode != MODE_SOURCE
+        self.holding = self.kind == "stream" and self.mode == MODE_SOURCE
         self._dc_i = 0
         self._src_i = 0
         self.running = True
@@ -353,6 +354,10 @@ class Client(asyncio.Protocol):
         if job.kind != "handshake":  # a handshake keeps its deadline until the close
             self._cancel_timer()
             self._resolve(True)
+        if job.holding:
+            # A source stream floods as soon as it is up; hold it until every stream of
+            # the job is established, or the floods starve the handshakes still running.
+            self.transport.pause_reading()
 
     def _fill(self) -> None:
         job = self.job
@@ -508,6 +513,7 @@ class Worker:
     async def start(self, spec: dict[str, Any]) -> None:
         await self.teardown()
         job = self.job = Job(spec, self.board)
+        self.start_counters = {}
         job.publish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(spec.get("setup_timeout", 60.0))
@@ -518,6 +524,11 @@ class Worker:
             emit({"event": "ready", "ok": 0, "failed": 0})
             return
         ok, failed = await open_sessions(job, int(spec["streams"]), deadline)
+        if job.holding:
+            job.holding = False
+            for client in job.clients:
+                if client.transport is not None and not client.transport.is_closing():
+                    client.transport.resume_reading()
         emit({"event": "ready", "ok": ok, "failed": failed, "samples": job.samples})
 
     async def grow(self, n: int, timeout: float) -> None:
@@ -527,7 +538,15 @@ class Worker:
             return
         deadline = asyncio.get_running_loop().time() + timeout
         ok, failed = await open_sessions(job, n, deadline)
-        emit({"event": "grown", "ok": ok, "failed": failed, "active": len(job.clients)})
+        emit(
+            {
+                "event": "grown",
+                "ok": ok,
+                "failed": failed,
+                "active": len(job.clients),
+                "samples": job.samples,
+            }
+        )
 
     def go(self) -> None:
         job = self.job

@@ -221,11 +221,17 @@ def chart(results: list[Result], path: Path, meta: dict[str, Any]) -> str | None
     if not rows:
         return "nothing to chart"
     limits = {name: (limit, how) for name, _, how, limit, _ in TARGETS if how == "ratio"}
+    absolute = {
+        name: f"; target {op} {limit:g}" for name, _, how, limit, op in TARGETS if how == "value"
+    }
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) * max(len(keys), 1) + 2))
     height = 0.8 / max(len(keys), 1)
     ylabels = []
     for i, result in enumerate(rows):
-        ylabels.append(f"{result['scenario']}\n({result['unit']}, {result['better']} is better)")
+        extra = absolute.get(result["scenario"], "")
+        ylabels.append(
+            f"{result['scenario']}\n({result['unit']}, {result['better']} is better{extra})"
+        )
         for j, key in enumerate(keys):
             value = result["ratio"].get(key)
             if value is None:
