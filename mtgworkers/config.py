@@ -1406,6 +1406,8 @@ def _parse_stats(section: _Section) -> Stats:
         tag_format=statsd_section.string("tag-format", parse_tag_format, "datadog"),
     )
     statsd_section.finish()
+    if statsd.enabled and statsd.address is None:
+        raise ConfigError("stats.statsd.address: statsd is enabled but has no address to send to")
 
     prometheus_section = section.section("prometheus")
     prometheus = Prometheus(

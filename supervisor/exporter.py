@@ -816,7 +816,7 @@ def run_exporter(
                 signal.signal(signum, signal.SIG_IGN)
         for signum in stopping:
             signal.signal(signum, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="http", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
     _log.info(

@@ -14,6 +14,9 @@ apt_install() {
   $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
+# promtool (Debian package "prometheus") checks the exporter's output format.
+if ! command -v promtool >/dev/null 2>&1; then apt_install prometheus; fi
+
 # Debian splits venv/pip out of python3.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_install python3-venv python3-pip

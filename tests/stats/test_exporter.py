@@ -309,3 +309,13 @@ def test_labels_and_help_are_escaped() -> None:
     families = list(om_parse(render_openmetrics([family]).decode()))
     assert families[0].documentation == 'a "help"\\ with\nnewline'
     assert families[0].samples[0].labels == {"k": 'v"\\\n'}
+
+
+def test_files_being_created_are_not_errors(metrics_dir: str, caplog: Any) -> None:
+    # prometheus-client creates a file, then sizes it, then writes its header: a scrape
+    # may see any of these steps.
+    Path(metrics_dir, "counter_1.db").write_bytes(b"")
+    Path(metrics_dir, "counter_2.db").write_bytes(bytes(65536))
+    with caplog.at_level(logging.ERROR, logger="mtgworkers.exporter"):
+        assert MultiprocReader(metrics_dir).read() == {}
+    assert caplog.records == []

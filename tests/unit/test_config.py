@@ -1809,3 +1809,15 @@ def test_parse_nested_raises_only_config_error(section: str, key: str, value: An
         parse(with_key(f"{section}.{key}", value), base_dir="/nonexistent-base-dir")
     except ConfigError:
         pass
+
+
+def test_statsd_enabled_without_address_names_the_key() -> None:
+    from mtgworkers.config import ConfigError, parse
+
+    data = {
+        "secret": "ee" + "11" * 16 + b"example.com".hex(),
+        "bind-to": "127.0.0.1:443",
+        "stats": {"statsd": {"enabled": True}},
+    }
+    with pytest.raises(ConfigError, match=r"^stats\.statsd\.address: "):
+        parse(data)
