@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import re
-import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -499,8 +498,11 @@ def cmd_access(args: Mapping[str, Any]) -> int:
         if not 1 <= port <= 65535:
             raise CliError(f"incorrect port: {port} is not in 1..65535")
 
-    ipv4 = _address_of_family(_ip_flag("ipv4", args["--ipv4"]) or cfg.public_ipv4, socket.AF_INET)
-    ipv6 = _address_of_family(_ip_flag("ipv6", args["--ipv6"]) or cfg.public_ipv6, socket.AF_INET6)
+    from mtgworkers.doctor.sni import of_family
+
+    # an address of the wrong family is dropped, as mtg does (Go's To4())
+    ipv4 = of_family(_ip_flag("ipv4", args["--ipv4"]) or cfg.public_ipv4, 4)
+    ipv6 = of_family(_ip_flag("ipv6", args["--ipv6"]) or cfg.public_ipv6, 6)
     if ipv4 is None or ipv6 is None:
         # The detection of doctor and of the start-up check: [doctor] ip-echo-urls first.
         from mtgworkers.doctor import sni
@@ -543,23 +545,6 @@ def _ip_flag(name: str, value: str | None) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         raise CliError(f"incorrect {name}: {value!r} is not an IP address") from None
-
-
-def _address_of_family(value: str | None, family: int) -> str | None:
-    """The address if it belongs to ``family`` (IPv4-mapped IPv6 counts as IPv4), else None.
-
-    mtg drops an IPv6 given for IPv4 the same way (Go's To4()).
-    """
-    if not value:
-        return None
-    try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    wanted = 4 if family == socket.AF_INET else 6
-    return str(address) if address.version == wanted else None
 
 
 def _form_encode(values: Mapping[str, str]) -> str:

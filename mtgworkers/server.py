@@ -107,7 +107,7 @@ def raise_nofile_limit(concurrency: int) -> tuple[int, int]:
     return soft, hard
 
 
-def _local_addresses() -> set[str]:
+def local_addresses() -> set[str]:
     """IP addresses of this host's interfaces (for fronting self-loop detection)."""
     try:
         import psutil
@@ -136,11 +136,12 @@ def set_client_keepalive(sock: socket.socket) -> None:
         pass  # not fatal: the idle timeout still ends the session
 
 
-def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """Create a non-blocking SO_REUSEPORT listening TCP socket on ``host:port``.
+def bind_reuseport(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening, non-blocking SO_REUSEPORT TCP socket on ``host:port``
+    with the client keep-alive options (accepted sockets inherit them).
 
-    An unspecified IPv6 address (``[::]``) listens dual-stack, like Go. Raises
-    :class:`StartupError` naming the address when the bind fails.
+    An unspecified IPv6 address (``[::]``) is dual-stack, like Go; any other IPv6
+    address is IPv6-only. Raises OSError when the bind fails (the socket is closed).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -151,8 +152,24 @@ def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> sock
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
         set_client_keepalive(sock)
         sock.bind((host, port))
-        sock.listen(backlog)
         sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """Create a non-blocking SO_REUSEPORT listening TCP socket on ``host:port``.
+
+    Raises :class:`StartupError` naming the address when the bind fails.
+    """
+    try:
+        sock = bind_reuseport(host, port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {_join(host, port)}: {exc.strerror or exc}") from exc
+    try:
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {_join(host, port)}: {exc.strerror or exc}") from exc
@@ -246,7 +263,7 @@ class Worker:
         for sock in sockets:
             name = sock.getsockname()
             self.listen_addresses.append((name[0], name[1]))
-        self._local_ips = _local_addresses()
+        self._local_ips = local_addresses()
         await self._check_fronting_loop()
         for sock in sockets:
             server = await self.loop.create_server(

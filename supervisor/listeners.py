@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 
 from mtgworkers.config import HostPort
-from mtgworkers.server import set_client_keepalive
+from mtgworkers.server import bind_reuseport
 
 __all__ = ["ListenError", "bind_slot_socket", "tcp_migrate_req"]
 
@@ -36,21 +36,10 @@ def bind_slot_socket(address: HostPort) -> socket.socket:
     ``[::]`` is dual-stack (IPv4 too), any other IPv6 address IPv6-only, like Go and
     ``mtgworkers.server.create_listener``. Raises :class:`ListenError`.
     """
-    host, port = address.host, address.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        set_client_keepalive(sock)
-        sock.bind((host, port))
-        sock.setblocking(False)
+        return bind_reuseport(address.host, address.port)
     except OSError as exc:
-        sock.close()
         raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
-    return sock
 
 
 def tcp_migrate_req() -> int | None:

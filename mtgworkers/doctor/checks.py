@@ -37,7 +37,7 @@ from mtgworkers.doctor.tlsclient import (
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import make_resolver
 from mtgworkers.protocol import proxyproto
-from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG
+from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG, local_addresses
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config, Network, ProxyURL
@@ -309,26 +309,12 @@ async def open_fronting(ctx: Context) -> socket.socket:
     return sock
 
 
-def _local_addresses() -> set[str]:
-    try:
-        import psutil
-
-        return {
-            addr.address.split("%", 1)[0]
-            for addrs in psutil.net_if_addrs().values()
-            for addr in addrs
-            if addr.family in (socket.AF_INET, socket.AF_INET6)
-        }
-    except Exception:  # psutil unavailable: loopback is still recognised
-        return set()
-
-
 def _is_this_proxy(config: Config, addresses: Sequence[str], port: int) -> str | None:
     """The first of ``addresses`` that is the proxy's own listener on ``port``, if any."""
     bind = config.bind_to
     if port != bind.port:
         return None
-    local = _local_addresses()
+    local = local_addresses()
     for text in addresses:
         try:
             address = ipaddress.ip_address(text)

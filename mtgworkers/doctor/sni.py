@@ -73,7 +73,7 @@ def echo_urls(config: Config, override: Sequence[str] = ()) -> tuple[str, ...]:
     return publicip.configured_urls()
 
 
-def _of_family(value: str | None, version: int) -> str | None:
+def of_family(value: str | None, version: int) -> str | None:
     """``value`` in canonical form if it is an address of IP ``version`` (4 or 6)."""
     if not value:
         return None
@@ -99,7 +99,7 @@ async def public_addresses(
     service with ``timeout`` seconds. An address of the wrong family counts as missing.
     Never raises for network failures (an undetected family is None).
     """
-    known4, known6 = _of_family(ipv4, 4), _of_family(ipv6, 6)
+    known4, known6 = of_family(ipv4, 4), of_family(ipv6, 6)
 
     async def given(value: str) -> str | None:
         return value
@@ -125,11 +125,11 @@ def split_families(addresses: Sequence[str]) -> tuple[list[str], list[str]]:
     v4: list[str] = []
     v6: list[str] = []
     for text in addresses:
-        address4 = _of_family(text, 4)
+        address4 = of_family(text, 4)
         if address4 is not None:
             v4.append(address4)
             continue
-        address6 = _of_family(text, 6)
+        address6 = of_family(text, 6)
         if address6 is not None:
             v6.append(address6)
     return v4, v6
@@ -144,8 +144,8 @@ def family_matches(
     (mtg's run-time rule: every known family must match).
     """
     v4, v6 = split_families(resolved)
-    ipv4 = None if ours.ipv4 is None else _of_family(ours.ipv4, 4) in v4
-    ipv6 = None if ours.ipv6 is None else _of_family(ours.ipv6, 6) in v6
+    ipv4 = None if ours.ipv4 is None else of_family(ours.ipv4, 4) in v4
+    ipv6 = None if ours.ipv6 is None else of_family(ours.ipv6, 6) in v6
     return ipv4, ipv6
 
 
