@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from mtgworkers.proc import pid_alive
+
 __all__ = ["PidFileError", "remove_pid_file", "write_pid_file"]
 
 
@@ -19,7 +21,7 @@ def write_pid_file(path: str, pid: int) -> None:
     when it cannot be written.
     """
     other = read_pid_file(path)
-    if other is not None and other != pid and _alive(other):
+    if other is not None and other != pid and pid_alive(other):
         raise PidFileError(f"pid-file {path}: another proxy is already running as pid {other}")
     temporary = f"{path}.{pid}.tmp"
     try:
@@ -46,13 +48,3 @@ def remove_pid_file(path: str, pid: int) -> None:
     if read_pid_file(path) == pid:
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

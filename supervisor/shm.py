@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mtgworkers.defense.antireplay import StableBloomFilter
+from mtgworkers.proc import pid_alive
 
 __all__ = [
     "CELL_STATES",
@@ -200,23 +201,13 @@ def remove_stale_segments(directory: str | None = None) -> list[str]:
         if not match:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
             os.unlink(path)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from mtgworkers import events
+from mtgworkers.proc import pid_alive
 
 __all__ = [
     "MTG_METRICS",
@@ -224,22 +225,12 @@ def _remove_stale_dirs(parent: str) -> None:
     uid = os.getuid()
     for name in names:
         match = _DIR_RE.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(parent, name)
         with contextlib.suppress(OSError):
             if os.lstat(path).st_uid == uid:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_worker_id(worker_id: str) -> str:

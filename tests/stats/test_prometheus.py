@@ -16,6 +16,7 @@ import pytest
 
 from mtgworkers import config as config_module
 from mtgworkers import events as ev
+from mtgworkers.config import ConfigError
 from mtgworkers.stats import StatsError, make_observers
 from mtgworkers.stats.prometheus import (
     MULTIPROC_ENV,
@@ -261,5 +262,6 @@ def test_make_observers(metrics_dir: str) -> None:
     os.environ.pop(MULTIPROC_ENV, None)
     with pytest.raises(StatsError, match="PROMETHEUS_MULTIPROC_DIR"):
         make_observers(_config(prometheus={"enabled": True}), 0)
-    with pytest.raises(StatsError, match="address"):
-        make_observers(_config(statsd={"enabled": True}), 0)
+    # statsd without an address is refused when the config is read
+    with pytest.raises(ConfigError, match=r"^stats\.statsd\.address: "):
+        _config(statsd={"enabled": True})
