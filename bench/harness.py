@@ -227,8 +227,10 @@ def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
     ]
     for dc, dc_port in zip(DC_NUMBERS, ctx.dc_ports, strict=True):
         lines.append(f'{dc} = ["127.0.0.1:{dc_port}"]')
+    # Instances are stopped with SIGTERM: a short drain keeps runs quick.
+    lines += ["", "[supervisor]", 'graceful-timeout = "1s"']
     if options.get("workers"):
-        lines += ["", "[supervisor]", f"workers = {int(options['workers'])}"]
+        lines.append(f"workers = {int(options['workers'])}")
     if options.get("metrics_port"):
         lines += [
             "",

@@ -194,6 +194,12 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         job = self.job
+        if not job.running:
+            # connected after the job's teardown closed every client: nothing to do, and
+            # teardown must not wait for this one
+            self.state = CLOSED
+            transport.close()
+            return
         job.clients.add(self)
         self.timer = asyncio.get_running_loop().call_later(job.timeout, self._timed_out)
         hello, self.random, self.session_id = job.hellos.make()
