@@ -64,7 +64,8 @@ def test_metrics_survive_a_killed_worker_and_a_reload(
     port = free_port()
     proxy = proxy_factory(
         {
-            "supervisor": {"workers": 2},
+            # the retiring generation must still be draining when the test looks at it
+            "supervisor": {"workers": 2, "graceful-timeout": "30s"},
             "stats": {
                 "prometheus": {
                     "enabled": True,
