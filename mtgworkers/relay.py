@@ -25,6 +25,8 @@ within its linger time.
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mtgworkers.protocol.faketls import MAX_RECORD_PAYLOAD, RecordReader, TLSError
@@ -187,5 +189,64 @@ class TelegramSide(Side):
             record = b"".join(parts)
         try:
             self.peer.write(record)  # type: ignore[union-attr]
+        except RuntimeError:  # the peer's handle closed in this loop iteration
+            session.side_failed(self, "peer connection is closed")
+
+
+# mtg's dynamic record sizing (protocol.md §8.3): like a web server's TLS slow start, the
+# first records of a burst are small. Sizes are payload bytes per record.
+DRS_SMALL_RECORDS = 40  # records 1..40: 1351..1450 bytes
+DRS_MEDIUM_RECORDS = 60  # records 41..60: 3997..4096 bytes, then MAX_RECORD_PAYLOAD
+DRS_IDLE_RESET = 1.0  # seconds without records that start a new burst
+
+
+class DRSTelegramSide(TelegramSide):
+    """:class:`TelegramSide` with dynamic record sizing (``[defense.doppelganger] drs``).
+
+    A separate class so that the default path pays nothing for it.
+    """
+
+    __slots__ = ("last", "records")
+
+    def __init__(
+        self,
+        session: SessionHooks,
+        peer: asyncio.Transport | None,
+        decrypt: Callable[[bytes], bytes],
+        encrypt: Callable[[bytes], bytes],
+    ) -> None:
+        super().__init__(session, peer, decrypt, encrypt)
+        self.records = 0
+        self.last = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        out = self.encrypt(self.decrypt(data))
+        size = len(out)
+        session = self.session
+        session.touched = True
+        session.bytes_to_client += size
+        now = time.monotonic()
+        if now - self.last > DRS_IDLE_RESET:
+            self.records = 0
+        self.last = now
+        view = memoryview(out)
+        parts: list[bytes | memoryview] = []
+        pos = 0
+        records = self.records
+        while pos < size:
+            if records < DRS_SMALL_RECORDS:
+                limit = 1450 - random.randrange(100)
+            elif records < DRS_MEDIUM_RECORDS:
+                limit = 4096 - random.randrange(100)
+            else:
+                limit = MAX_RECORD_PAYLOAD
+            chunk = view[pos : pos + limit]
+            pos += len(chunk)
+            records += 1
+            parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
+            parts.append(chunk)
+        self.records = records
+        try:
+            self.peer.write(b"".join(parts))  # type: ignore[union-attr]
         except RuntimeError:  # the peer's handle closed in this loop iteration
             session.side_failed(self, "peer connection is closed")

@@ -211,6 +211,7 @@ class Worker:
         self.tolerate_time_skewness = config.tolerate_time_skewness
         self.proxy_protocol_listener = config.proxy_protocol_listener
         self.prefer_ip = config.prefer_ip
+        self.drs = config.defense.doppelganger.drs
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
         self.dc_table = DCTable(overrides=config.dc_overrides)
         self.resolver = make_resolver(config.network.dns)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mtgworkers import events
 from mtgworkers.protocol import faketls, obfs2, proxyproto
 from mtgworkers.protocol.errors import ProtocolError
-from mtgworkers.relay import ClientSide, RawSide, Side, TelegramSide
+from mtgworkers.relay import ClientSide, DRSTelegramSide, RawSide, Side, TelegramSide
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -337,7 +337,8 @@ class ClientSession(asyncio.Protocol):
         )
         client_transport = self.transport
         assert client_transport is not None
-        dc_side = TelegramSide(
+        side_class = DRSTelegramSide if worker.drs else TelegramSide
+        dc_side = side_class(
             self, client_transport, dc_decryptor.update, handshake.encryptor.update
         )
         try:
