@@ -547,40 +547,49 @@ def serve(config: Config) -> int:
             detach_stats = attach_stats(worker, 0)
         except OSError as exc:
             raise StatsError(f"cannot write metrics: {exc}") from exc
-        loop.run_until_complete(worker.start())
-    except (StartupError, StatsError) as exc:
+    except StatsError as exc:
         _log.error("cannot start proxy", extra={"error": str(exc)})
-        if detach_stats is not None:
-            detach_stats()
         loop.close()
         if exporter is not None:
             exporter.close()
         return 1
 
+    # One run of the loop from start to stop: uvloop only sees signals while it runs, so a
+    # SIGTERM between two run_until_complete() calls would wait for the next signal.
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    addresses = ", ".join(_join(h, p) for h, p in worker.listen_addresses)
-    _log.warning("proxy is listening", extra={"bind_to": addresses})
-    for link in proxy_links(config):
-        _log.warning("proxy link", extra={"tg_url": link})
     watch: asyncio.TimerHandle | None = None
-    if exporter is not None:
-        watched = exporter
 
-        def watch_exporter() -> None:
-            nonlocal watch
-            watched.poll()
+    async def main() -> None:
+        nonlocal watch
+        await worker.start()
+        addresses = ", ".join(_join(h, p) for h, p in worker.listen_addresses)
+        _log.warning("proxy is listening", extra={"bind_to": addresses})
+        for link in proxy_links(config):
+            _log.warning("proxy link", extra={"tg_url": link})
+        if exporter is not None:
+            watched = exporter
+
+            def watch_exporter() -> None:
+                nonlocal watch
+                watched.poll()
+                watch = loop.call_later(1.0, watch_exporter)
+
             watch = loop.call_later(1.0, watch_exporter)
+        await stopping.wait()
+        await worker.stop()
 
-        watch = loop.call_later(1.0, watch_exporter)
     try:
-        loop.run_until_complete(stopping.wait())
-        loop.run_until_complete(worker.stop())
+        loop.run_until_complete(main())
+    except StartupError as exc:
+        _log.error("cannot start proxy", extra={"error": str(exc)})
+        return 1
     finally:
         if watch is not None:
             watch.cancel()
-        detach_stats()
+        if detach_stats is not None:
+            detach_stats()
         loop.close()
         if exporter is not None:
             exporter.close()
