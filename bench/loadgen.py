@@ -431,6 +431,9 @@ class Client(asyncio.Protocol):
             self.transport.close()
 
 
+TEARDOWN_GRACE = 2.0  # seconds a job's clients get to close at the end of a job
+
+
 def _state_name(state: int) -> str:
     return ("welcome", "running", "done", "closed")[state]
 
@@ -591,9 +594,14 @@ class Worker:
         for client in list(job.clients):
             client.close()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10.0
+        # Closing is local and immediate unless a write buffer is still full: two seconds
+        # is plenty; whatever is left is aborted (and named, for diagnosis).
+        deadline = loop.time() + TEARDOWN_GRACE
         while job.clients and loop.time() < deadline:
             await asyncio.sleep(0.02)
+        if job.clients:
+            states = sorted(_state_name(client.state) for client in job.clients)
+            job.note(f"teardown: {len(states)} clients still open, aborted ({states[:5]})")
         for client in list(job.clients):
             if client.transport is not None:
                 client.transport.abort()
