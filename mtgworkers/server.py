@@ -235,7 +235,6 @@ class Worker:
         fronting = config.domain_fronting
         self.fronting_address = (fronting.host or self.secret.host, fronting.port)
         self.fronting_proxy_protocol = fronting.proxy_protocol
-        self.fronting_is_self = False
         # mtg: an enabled allowlist rejects everybody until its first update finishes; a
         # disabled one allows all (None = no check).
         self.allowlist: IPList | None = IPList(()) if config.defense.allowlist.enabled else None
@@ -379,9 +378,11 @@ class Worker:
             session.shutdown()
         for server in self._servers:
             await server.wait_closed()
-        # let connection_lost callbacks run so every session finishes cleanly
-        for _ in range(3):
-            await asyncio.sleep(0)
+        # aborted transports report connection_lost on the next loop iterations: wait for
+        # every session to finish (events, limiter release) before the loop goes away
+        deadline = self.loop.time() + 1.0
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -439,7 +440,6 @@ class Worker:
             return
         for ip in addresses:
             if self.is_own_listener((ip, port)):
-                self.fronting_is_self = True
                 raise StartupError(
                     f"domain fronting to {_join(host, port)} would loop: {ip}:{port} is this "
                     "proxy's own listening address. Set [domain-fronting] ip/port to the real "

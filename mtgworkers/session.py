@@ -78,7 +78,6 @@ class ClientSession(asyncio.Protocol):
         "bytes_from_client",
         "bytes_to_client",
         "client_addr",
-        "client_ip",
         "closing_since",
         "dc",
         "front_sockname",
@@ -104,7 +103,6 @@ class ClientSession(asyncio.Protocol):
         self.buf = bytearray()
         self.reader: faketls.RecordReader | None = None
         self.client_addr: tuple[str, int] = ("", 0)
-        self.client_ip = ""
         self.stream_id = ""
         self.started = False  # counted against concurrency, start event sent
         self.fronted = False
@@ -135,7 +133,7 @@ class ClientSession(asyncio.Protocol):
                 "fronting host loops back to this proxy; closing the looped connection",
                 extra={"ip": self.client_addr[0]},
             )
-            self._close_now()
+            self.close()
             return
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         if worker.proxy_protocol_listener:
@@ -168,16 +166,15 @@ class ClientSession(asyncio.Protocol):
     def _admit(self) -> None:
         worker = self.worker
         ip = self.client_addr[0]
-        self.client_ip = ip
         reason = worker.check_ip(ip)
         if reason is not None:
-            self._close_now()
+            self.close()
             return
         if not worker.limiter.try_acquire():
             if _log.isEnabledFor(logging.INFO):
                 _log.info("connection was concurrency limited", extra={"ip": ip})
             worker.events.send(events.EventConcurrencyLimited())
-            self._close_now()
+            self.close()
             return
         self.started = True
         self.stream_id = base64.urlsafe_b64encode(worker.random_bytes(16)).rstrip(b"=").decode()
@@ -196,7 +193,7 @@ class ClientSession(asyncio.Protocol):
             parsed = proxyproto.parse_header(self.buf)
         except ProtocolError as exc:
             _log.info("cannot parse proxy protocol header", extra={"error": str(exc)})
-            self._close_now()
+            self.close()
             return
         if parsed is None:
             return
@@ -245,7 +242,7 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(welcome)  # type: ignore[union-attr]
         except Exception as exc:  # a transport in error state
             _log.info("cannot send welcome packet", extra={"error": str(exc)})
-            self._close_now()
+            self.close()
             return
         rest = bytes(buf[consumed:])
         self.buf = bytearray()
@@ -289,7 +286,7 @@ class ClientSession(asyncio.Protocol):
                 "obfuscated handshake is failed",
                 extra=self._fields(error=f"cannot process client handshake: {error}"),
             )
-        self._close_now()
+        self.close()
 
     # -- Telegram -------------------------------------------------------------------------
 
@@ -305,7 +302,7 @@ class ClientSession(asyncio.Protocol):
                     "cannot dial to telegram",
                     extra=self._fields(dc=dc, error=f"no available addresses for DC {dc}"),
                 )
-                self._close_now()
+                self.close()
                 return
             _log.warning("unknown DC, fallbacks", extra=self._fields(dc=dc, original_dc=dc))
             dc = 2
@@ -326,7 +323,7 @@ class ClientSession(asyncio.Protocol):
             if dc != original_dc:
                 fields["original_dc"] = original_dc
             _log.warning("cannot dial to telegram", extra=fields)
-            self._close_now()
+            self.close()
             return
         if self.state != DIALING:  # the client went away while we were dialling
             sock.close()
@@ -350,7 +347,7 @@ class ClientSession(asyncio.Protocol):
                 "cannot dial to telegram",
                 extra=self._fields(dc=dc, error=f"cannot perform server handshake: {exc}"),
             )
-            self._close_now()
+            self.close()
             return
         if self.state != DIALING:
             upstream.abort()
@@ -397,12 +394,10 @@ class ClientSession(asyncio.Protocol):
         worker = self.worker
         host, port = worker.fronting_address
         try:
-            if worker.fronting_is_self:
-                raise OSError(f"{host}:{port} is this proxy's own listening address")
             sock = await worker.dialer.open_socket(host, port, use_proxies=False)
         except OSError as exc:
             _log.warning("cannot dial to the fronting domain", extra={"error": str(exc)})
-            self._close_now()
+            self.close()
             return
         if self.state != DIALING:
             sock.close()
@@ -415,7 +410,7 @@ class ClientSession(asyncio.Protocol):
                     "cannot dial to the fronting domain",
                     extra={"error": f"{peer[0]}:{peer[1]} is this proxy itself (fronting loop)"},
                 )
-                self._close_now()
+                self.close()
                 return
             self.front_sockname = tuple(sock.getsockname()[:2])
             worker.own_fronting_socknames.add(self.front_sockname)
@@ -425,7 +420,7 @@ class ClientSession(asyncio.Protocol):
         except OSError as exc:
             sock.close()
             _log.warning("cannot dial to the fronting domain", extra={"error": str(exc)})
-            self._close_now()
+            self.close()
             return
         if self.state != DIALING:
             upstream.abort()
@@ -488,7 +483,7 @@ class ClientSession(asyncio.Protocol):
                     "handshake timeout",
                     extra=self._fields(error="client did not finish the handshake in time"),
                 )
-            self._close_now()
+            self.close()
 
     def tick(self, now: float, idle_timeout: float, linger: float, flush: bool) -> None:
         """Called periodically by the worker: idle timeout, stuck closes, traffic flush."""
@@ -529,10 +524,6 @@ class ClientSession(asyncio.Protocol):
         for transport in (self.transport, self.upstream):
             if transport is not None and not transport.is_closing():
                 transport.close()
-
-    def _close_now(self) -> None:
-        """Close during the handshake: nothing useful is buffered."""
-        self.close()
 
     def _abort(self) -> None:
         self.state = CLOSING
@@ -576,8 +567,13 @@ class ClientSession(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    @property
+    def client_ip(self) -> str:
+        """The client's address (from the PROXY header when there is one)."""
+        return self.client_addr[0]
+
     def _fields(self, **extra: Any) -> dict[str, Any]:
-        fields: dict[str, Any] = {"client-ip": self.client_ip, "stream-id": self.stream_id}
+        fields: dict[str, Any] = {"client-ip": self.client_addr[0], "stream-id": self.stream_id}
         if self.dc:
             fields["dc"] = self.dc
         fields.update(extra)

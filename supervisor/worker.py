@@ -264,12 +264,8 @@ class _Lifecycle:
         self._watch = self.loop.call_later(PARENT_CHECK_EVERY, self.check_parent)
 
     async def _drain(self, timeout: float) -> None:
-        self.worker.stop_accepting()
-        # A connection accepted in the loop iteration that closed the server gets its
-        # connection_made() (and so its place in worker.sessions) a few iterations later;
-        # Worker.drain() must see it, or it would be cut as soon as the drain starts.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        # Worker.drain() also waits for connections accepted in the loop turn that
+        # stopped accepting (their connection_made() comes a few iterations later).
         cut = await self.worker.drain(timeout)
         if cut:
             _log.warning(
