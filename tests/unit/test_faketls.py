@@ -1,7 +1,8 @@
 """FakeTLS server side (protocol.md §2, §3): ClientHello, ServerHello, record layer.
 
-Uses mtg's ClientHello snapshots (tests/../vectors/mtg, see its README) and mirrors the cases of
-mtg's client_side_test.go, plus our own synthetic hellos signed the way Telegram clients do.
+Uses mtg's ClientHello snapshots (tests/vectors/mtg, see tests/vectors/README.md) and
+mirrors the cases of mtg's client_side_test.go, plus our own synthetic hellos signed the way
+Telegram clients do.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,8 +38,9 @@ from mtgworkers.protocol.faketls import (
     wrap_application_data,
 )
 from mtgworkers.protocol.secret import Secret
+from tests.support.vectors import MTG_VECTORS
 
-VECTORS = Path("/work/shared/vectors/mtg")
+VECTORS = MTG_VECTORS
 VECTOR_SECRET = Secret.parse(
     "ee367a189aee18fa31c190054efd4a8e9573746f726167652e676f6f676c65617069732e636f6d"
 )

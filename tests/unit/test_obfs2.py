@@ -4,7 +4,6 @@ import base64
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
@@ -22,9 +21,9 @@ from mtgworkers.protocol.obfs2 import (
     generate_dc_frame,
     parse_client_frame,
 )
+from tests.support.vectors import MTG_VECTORS
 
-VECTORS = Path("/work/shared/vectors/mtg")
-SNAPSHOT = VECTORS / "client-handshake-snapshot-4529d55776e2d427.json"
+SNAPSHOT = MTG_VECTORS / "client-handshake-snapshot-4529d55776e2d427.json"
 
 
 def _b64(text: str) -> bytes:

@@ -32,6 +32,7 @@ from tests.support.client import (
 )
 from tests.support.fakedc import FakeDC, closed_port
 from tests.support.proxy import deep_merge, make_config, to_toml
+from tests.support.vectors import MTG_VECTORS
 from tests.support.website import BODY, HOSTNAME, Website, https_get, https_get_wrapped
 from tests.support.wire import (
     CCS_RECORD,
@@ -54,12 +55,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-VECTORS = Path("/work/shared/vectors/mtg")
-if not VECTORS.is_dir():
-    VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors" / "mtg"
+VECTORS = MTG_VECTORS
 VECTOR_KEY = bytes.fromhex("367a189aee18fa31c190054efd4a8e95")
 VECTOR_HOST = "storage.googleapis.com"
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="mtg vectors not available")
 
 
 def b64(text: str) -> bytes:
@@ -125,7 +123,6 @@ def independent_timestamp(record: bytes, key: bytes) -> int | None:
 
 
 # -- ClientHello ------------------------------------------------------------------------
-@needs_vectors
 @pytest.mark.parametrize("path", sorted(VECTORS.glob("client-hello-*.json")), ids=lambda p: p.name)
 def test_hello_digest_check_agrees_with_mtg_vectors(path: Path) -> None:
     vector = json.loads(path.read_text())
@@ -140,7 +137,6 @@ def test_hello_digest_check_agrees_with_mtg_vectors(path: Path) -> None:
         assert parsed.sni == [VECTOR_HOST]
 
 
-@needs_vectors
 def test_built_hello_has_the_size_and_shape_of_the_captured_ones() -> None:
     vector = json.loads((VECTORS / "client-hello-ok-19dfe38384b9884b.json").read_text())
     captured = base64.b64decode(vector["full"])
@@ -235,7 +231,6 @@ def test_server_hello_verification() -> None:
 
 
 # -- obfuscated2 --------------------------------------------------------------------------
-@needs_vectors
 def test_client_obfs2_reproduces_the_mtg_snapshot() -> None:
     snap = json.loads((VECTORS / "client-handshake-snapshot-4529d55776e2d427.json").read_text())
     secret, frame = b64(snap["secret"]), b64(snap["frame"])
