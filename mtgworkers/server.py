@@ -176,6 +176,17 @@ def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> sock
     return sock
 
 
+FrontingKey = tuple[tuple[str, int], tuple[str, int]]
+
+
+def _endpoint(addr: tuple[Any, ...]) -> tuple[str, int]:
+    """(ip, port) of a socket address: no IPv6 flow/scope, IPv4-mapped IPv6 as IPv4."""
+    ip = addr[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip, addr[1]
+
+
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -231,7 +242,8 @@ class Worker:
         # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
         self._accepting = 0  # accepted, connection_made not run yet
-        self.own_fronting_socknames: set[tuple[Any, ...]] = set()
+        # (local, remote) ends of our open fronting connections, see fronting_dialled()
+        self._fronting_dials: set[FrontingKey] = set()
         fronting = config.domain_fronting
         self.fronting_address = (fronting.host or self.secret.host, fronting.port)
         self.fronting_proxy_protocol = fronting.proxy_protocol
@@ -424,9 +436,29 @@ class Worker:
             return False
         return ip in self._local_ips
 
-    def is_own_fronting_connection(self, peer: tuple[Any, ...]) -> bool:
-        """True when an accepted connection comes from one of our own fronting dials."""
-        return bool(self.own_fronting_socknames) and tuple(peer[:2]) in self.own_fronting_socknames
+    def fronting_dialled(self, sock: socket.socket) -> FrontingKey:
+        """Remember a connected fronting socket until :meth:`fronting_closed`; returns its
+        key, the 4-tuple (local end, remote end)."""
+        key = (_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
+        self._fronting_dials.add(key)
+        return key
+
+    def fronting_closed(self, key: FrontingKey) -> None:
+        self._fronting_dials.discard(key)
+
+    def is_own_fronting_connection(
+        self, peer: tuple[Any, ...] | None, local: tuple[Any, ...] | None
+    ) -> bool:
+        """True when an accepted connection is one of our own fronting dials come back.
+
+        Both ends must mirror the dial: Linux hands out one ephemeral port for connections
+        to different destinations, so a client's (ip, port) alone often equals the local
+        end of an unrelated fronting connection (a site on 127.0.0.1, clients through a
+        local HAProxy). A loop through NAT changes an end and is not recognised here.
+        """
+        if not self._fronting_dials or peer is None or local is None:
+            return False
+        return (_endpoint(peer), _endpoint(local)) in self._fronting_dials
 
     async def _check_fronting_loop(self) -> None:
         host, port = self.fronting_address

@@ -30,7 +30,7 @@ from mtgworkers.relay import ClientSide, DRSTelegramSide, RawSide, Side, Telegra
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-    from mtgworkers.server import Worker
+    from mtgworkers.server import FrontingKey, Worker
 
 # session states
 PROXY_HEADER = 0  # waiting for an optional PROXY protocol header
@@ -80,7 +80,7 @@ class ClientSession(asyncio.Protocol):
         "client_addr",
         "closing_since",
         "dc",
-        "front_sockname",
+        "front_key",
         "fronted",
         "last_active",
         "reader",
@@ -106,7 +106,7 @@ class ClientSession(asyncio.Protocol):
         self.stream_id = ""
         self.started = False  # counted against concurrency, start event sent
         self.fronted = False
-        self.front_sockname: tuple[Any, ...] | None = None
+        self.front_key: FrontingKey | None = None
         self.dc = 0
         self.touched = False
         self.last_active = 0.0
@@ -127,14 +127,6 @@ class ClientSession(asyncio.Protocol):
         self._open_transports = 1
         peer = transport.get_extra_info("peername")
         self.client_addr = (_normalise_ip(peer[0]), peer[1]) if peer else ("", 0)
-        if peer and worker.is_own_fronting_connection(peer):
-            # Our own fronting dial came back to us: the fronting host is this proxy.
-            _log.error(
-                "fronting host loops back to this proxy; closing the looped connection",
-                extra={"ip": self.client_addr[0]},
-            )
-            self.close()
-            return
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         if worker.proxy_protocol_listener:
             return  # the client address is known only after the PROXY header
@@ -384,6 +376,20 @@ class ClientSession(asyncio.Protocol):
     # -- domain fronting ------------------------------------------------------------------
 
     def _start_fronting(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self.worker.is_own_fronting_connection(
+            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        ):
+            # Our own fronting dial came back to us: the fronting host is this proxy. Checked
+            # here, not at accept: the dial is registered before it sends a byte, but its
+            # accept may run first.
+            _log.error(
+                "fronting host loops back to this proxy; closing the looped connection",
+                extra={"ip": self.client_addr[0]},
+            )
+            self.close()
+            return
         self.fronted = True
         self._cancel_timer()  # from now on the relay's idle timeout applies
         self.state = DIALING
@@ -412,8 +418,7 @@ class ClientSession(asyncio.Protocol):
                 )
                 self.close()
                 return
-            self.front_sockname = tuple(sock.getsockname()[:2])
-            worker.own_fronting_socknames.add(self.front_sockname)
+            self.front_key = worker.fronting_dialled(sock)
             client_transport = self.transport
             front_side = RawSide(self, client_transport, upstream=True)
             upstream, _ = await worker.loop.create_connection(lambda: front_side, sock=sock)
@@ -547,8 +552,8 @@ class ClientSession(asyncio.Protocol):
         if task is not None and not task.done():
             task.cancel()
         worker = self.worker
-        if self.front_sockname is not None:
-            worker.own_fronting_socknames.discard(self.front_sockname)
+        if self.front_key is not None:
+            worker.fronting_closed(self.front_key)
         worker.sessions.discard(self)
         if not self.started:
             return
