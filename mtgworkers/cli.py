@@ -28,11 +28,10 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote_plus
 
 from docopt import DocoptExit, docopt
 
-from mtgworkers import __version__
+from mtgworkers import __version__, links
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -547,22 +546,14 @@ def _ip_flag(name: str, value: str | None) -> str | None:
         raise CliError(f"incorrect {name}: {value!r} is not an IP address") from None
 
 
-def _form_encode(values: Mapping[str, str]) -> str:
-    # Go's url.Values.Encode(): keys sorted, QueryEscape on keys and values.
-    return "&".join(
-        f"{quote_plus(key, safe='')}={quote_plus(values[key], safe='')}" for key in sorted(values)
-    )
-
-
 def _qr_code_url(data: str) -> str:
-    query = _form_encode({"qzone": "4", "format": "svg", "data": data})
+    query = links.form_encode({"qzone": "4", "format": "svg", "data": data})
     return f"https://api.qrserver.com/v1/create-qr-code?{query}"
 
 
 def _links(ip: str, port: int, secret_text: str) -> dict[str, Any]:
-    query = _form_encode({"server": ip, "port": str(port), "secret": secret_text})
-    tg_url = f"tg://proxy?{query}"
-    tme_url = f"https://t.me/proxy?{query}"
+    tg_url = links.tg_url(ip, port, secret_text)
+    tme_url = links.tme_url(ip, port, secret_text)
     return {
         "ip": ip,
         "port": port,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from mtgworkers import events
+from mtgworkers import events, links
 from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.iplist import IPList
@@ -498,20 +498,6 @@ class Worker:
         _log.error("event observer failed", extra={"error": repr(exc)}, exc_info=exc)
 
 
-def proxy_links(config: Config) -> list[str]:
-    """tg:// links for the addresses we know without asking the network."""
-    hosts = [ip for ip in (config.public_ipv4, config.public_ipv6) if ip]
-    if not hosts and config.bind_to.host not in ("0.0.0.0", "::"):
-        hosts = [config.bind_to.host]
-    links = []
-    for host in hosts:
-        server = host
-        links.append(
-            f"tg://proxy?port={config.bind_to.port}&secret={config.secret.base64()}&server={server}"
-        )
-    return links
-
-
 def attach_stats(worker: Worker, worker_slot: int | str) -> Callable[[], None]:
     """Subscribe the metrics observers that ``worker.config`` enables ([stats.prometheus],
     [stats.statsd]) to ``worker.events``: the hook for every worker entry point.
@@ -598,8 +584,8 @@ def serve(config: Config) -> int:
         await worker.start()
         addresses = ", ".join(_join(h, p) for h, p in worker.listen_addresses)
         _log.warning("proxy is listening", extra={"bind_to": addresses})
-        for link in proxy_links(config):
-            _log.warning("proxy link", extra={"tg_url": link})
+        for link in links.redacted_links(config):
+            _log.warning("proxy link", extra={"tg_url": link, "hint": links.access_hint(None)})
         if exporter is not None:
             watched = exporter
 

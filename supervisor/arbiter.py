@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mtgworkers import config as config_module
-from mtgworkers import logs
+from mtgworkers import links, logs
 from supervisor import shm
 from supervisor.listeners import ListenError, bind_slot_socket, tcp_migrate_req
 from supervisor.notify import Notifier
@@ -591,15 +591,14 @@ class Arbiter:
         return ready.issuperset(range(count))
 
     def booted(self) -> None:
-        from mtgworkers.server import proxy_links
-
         self.notifier.ready(self.status_text())
         _log.warning(
             "proxy is listening",
             extra={"bind_to": str(self.config.bind_to), "workers": self.num_workers},
         )
-        for link in proxy_links(self.config):
-            _log.warning("proxy link", extra={"tg_url": link})
+        hint = links.access_hint(self.config_path)
+        for link in links.redacted_links(self.config):
+            _log.warning("proxy link", extra={"tg_url": link, "hint": hint})
         migrate = tcp_migrate_req()
         if migrate == 0:
             _log.info(

@@ -280,18 +280,6 @@ def test_simple_run_serves_clients_and_logs_the_link(
     assert links and b"server=127.0.0.1" in links[0], b"\n".join(lines)
 
 
-def test_run_logs_the_proxy_link(proxy_factory: ProxyPool, test_secret: KitSecret) -> None:
-    proxy = proxy_factory()
-    record = proxy.wait_for_log("proxy link")
-    url = record["tg_url"]
-    assert url.startswith("tg://proxy?")
-    assert f"port={proxy.port}" in url
-    assert "server=127.0.0.1" in url
-    from mtgworkers.protocol.secret import Secret
-
-    assert f"secret={Secret(test_secret.key, test_secret.host).base64()}" in url
-
-
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss from iproute2")
 def test_client_sockets_get_keepalive(
     proxy_factory: ProxyPool, client_factory: ClientFactory
