@@ -126,7 +126,14 @@ class ClientSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self._open_transports = 1
         peer = transport.get_extra_info("peername")
-        self.client_addr = (_normalise_ip(peer[0]), peer[1]) if peer else ("", 0)
+        if not peer:
+            # Reset while it waited in the accept queue (port scanners, some health checks):
+            # there is no client to admit, count or front.
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("connection was reset before it was accepted")
+            self._abort()
+            return
+        self.client_addr = (_normalise_ip(peer[0]), peer[1])
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         if worker.proxy_protocol_listener:
             return  # the client address is known only after the PROXY header
@@ -191,6 +198,13 @@ class ClientSession(asyncio.Protocol):
             return
         if parsed is not proxyproto.NOT_PROXY:
             header, consumed = parsed
+            if header.local:
+                # A balancer's own connection (HAProxy's health checks send PROXY v2 LOCAL)
+                # or one it cannot attribute (v1 UNKNOWN): nobody to serve.
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug("proxy protocol header without a client (LOCAL or UNKNOWN)")
+                self.close()
+                return
             del self.buf[:consumed]
             if header.src is not None:
                 self.client_addr = (_normalise_ip(header.src[0]), header.src[1])

@@ -69,15 +69,20 @@ class ProxyHeader:
     ``src``/``dst`` are ``(ip, port)`` with the IP in Python's canonical text form, or ``None``
     for v1 ``UNKNOWN``, v2 ``LOCAL`` and v2 families without IP addresses (unix, unspecified):
     then the socket's own peer address is the client address.
+
+    ``local`` is True for v2 ``LOCAL`` (the balancer's own connection, e.g. a health check)
+    and v1 ``UNKNOWN`` (the balancer does not know the client): no client is behind it.
     """
 
     src: tuple[str, int] | None
     dst: tuple[str, int] | None
+    local: bool = False
 
 
 ParseResult = tuple[ProxyHeader, int] | Literal[_NotProxy.NOT_PROXY] | None
 
-_LOCAL = ProxyHeader(src=None, dst=None)
+_LOCAL = ProxyHeader(src=None, dst=None, local=True)
+_NO_ADDRESSES = ProxyHeader(src=None, dst=None)
 
 
 def parse_header(buf: bytes | bytearray | memoryview) -> ParseResult:
@@ -181,8 +186,10 @@ def _parse_v2(buf: bytes | bytearray | memoryview, head: bytes) -> ParseResult:
     consumed = _V2_FIXED_LEN + length
     if len(buf) < consumed:
         return None
-    if command == _CMD_LOCAL or needed == 0:
+    if command == _CMD_LOCAL:
         return _LOCAL, consumed
+    if needed == 0:
+        return _NO_ADDRESSES, consumed
 
     # TLVs after the addresses are skipped: nothing in them matters to us.
     block = bytes(buf[_V2_FIXED_LEN : _V2_FIXED_LEN + needed])

@@ -261,7 +261,8 @@ class FakeTLSClient:
     """A Telegram-like client talking FakeTLS + obfuscated2 to the proxy.
 
     ``secret_key`` is the 16-byte key used for the HMACs and obfuscated2 (pass a wrong
-    key to test the fronting path); ``sni`` is the server name to put in the hello.
+    key to test the fronting path); ``sni`` is the server name to put in the hello;
+    ``source`` is the local IP to connect from (another loopback address, say).
     """
 
     def __init__(
@@ -273,12 +274,15 @@ class FakeTLSClient:
         *,
         timeout: float = 10.0,
         max_record: int = MAX_RECORD_PAYLOAD,
+        source: str | None = None,
     ) -> None:
         self.address = (host, port)
         self.secret_key = secret_key
         self.sni = sni
         self.max_record = max_record
-        self.sock = socket.create_connection(self.address, timeout=timeout)
+        self.sock = socket.create_connection(
+            self.address, timeout=timeout, source_address=None if source is None else (source, 0)
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sent = bytearray()  # every raw byte written to the socket, for fronting checks
         self.hello: bytes | None = None

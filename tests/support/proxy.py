@@ -320,6 +320,35 @@ class ProxyProcess:
             f"log {message!r} {fields or ''} not seen {count}x within {timeout} s\n" + self.output()
         )
 
+    def records(self, since: int = 0) -> list[LogRecord]:
+        """A copy of the log records from index ``since``."""
+        with self._cond:
+            return self.logs[since:]
+
+    def wait_for_records(
+        self,
+        done: Callable[[list[LogRecord]], bool],
+        what: str,
+        *,
+        since: int = 0,
+        timeout: float = 5.0,
+    ) -> list[LogRecord]:
+        """Wait until ``done(records since)`` is true; return those records.
+
+        AssertionError naming ``what`` (with the proxy's output) after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                records = self.logs[since:]
+                if done(records):
+                    return records
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.2))
+        raise AssertionError(f"{what} not seen within {timeout} s\n" + self.output())
+
     # -- resources ----------------------------------------------------------------------
     def _processes(self) -> list[psutil.Process]:
         main = psutil.Process(self.pid)

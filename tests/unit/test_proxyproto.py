@@ -82,8 +82,8 @@ def test_not_proxy_repr() -> None:
             b"PROXY TCP6 ::ffff:10.0.0.1 ::1 1 2\r\n",
             ProxyHeader(("::ffff:a00:1", 1), ("::1", 2)),
         ),
-        (b"PROXY UNKNOWN\r\n", ProxyHeader(None, None)),
-        (b"PROXY UNKNOWN ffff:: ffff:: 1 2\r\n", ProxyHeader(None, None)),
+        (b"PROXY UNKNOWN\r\n", ProxyHeader(None, None, local=True)),
+        (b"PROXY UNKNOWN ffff:: ffff:: 1 2\r\n", ProxyHeader(None, None, local=True)),
     ],
 )
 def test_v1_ok(line: bytes, expected: ProxyHeader) -> None:
@@ -103,7 +103,7 @@ def test_v1_longest_tcp6_line() -> None:
 def test_v1_unknown_long_line() -> None:
     line = b"PROXY UNKNOWN " + b"x" * (V1_MAX_LEN - 16) + b"\r\n"
     assert len(line) == V1_MAX_LEN
-    assert parse_header(line) == (ProxyHeader(None, None), V1_MAX_LEN)
+    assert parse_header(line) == (ProxyHeader(None, None, local=True), V1_MAX_LEN)
     too_long = b"PROXY UNKNOWN " + b"x" * (V1_MAX_LEN - 15) + b"\r\n"
     with pytest.raises(ProxyProtocolError, match="longer"):
         parse_header(too_long)
@@ -180,19 +180,19 @@ def test_v2_ipv4_other_transports(family: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("ver_cmd", "family", "body"),
+    ("ver_cmd", "family", "body", "local"),
     [
-        (0x20, 0x00, b""),  # LOCAL, health check
-        (0x20, 0x11, bytes(12)),  # LOCAL ignores the address block
-        (0x20, 0x11, b""),
-        (0x21, 0x00, b""),  # PROXY, UNSPEC
-        (0x21, 0x31, b"/tmp/a" + bytes(210)),  # PROXY, UNIX stream
-        (0x21, 0x32, bytes(216)),
+        (0x20, 0x00, b"", True),  # LOCAL, health check
+        (0x20, 0x11, bytes(12), True),  # LOCAL ignores the address block
+        (0x20, 0x11, b"", True),
+        (0x21, 0x00, b"", False),  # PROXY, UNSPEC
+        (0x21, 0x31, b"/tmp/a" + bytes(210), False),  # PROXY, UNIX stream
+        (0x21, 0x32, bytes(216), False),
     ],
 )
-def test_v2_without_addresses(ver_cmd: int, family: int, body: bytes) -> None:
+def test_v2_without_addresses(ver_cmd: int, family: int, body: bytes, local: bool) -> None:
     header = _v2(ver_cmd, family, body)
-    assert parse_header(header + b"x") == (ProxyHeader(None, None), len(header))
+    assert parse_header(header + b"x") == (ProxyHeader(None, None, local), len(header))
 
 
 @pytest.mark.parametrize(
