@@ -348,13 +348,15 @@ def cmd_generate_secret(args: Mapping[str, Any]) -> int:
 
 def cmd_run(args: Mapping[str, Any]) -> int:
     """Load the config file, set up logging, warn about deprecated keys and serve."""
-    from mtgworkers import logs
+    from mtgworkers import config, logs
 
     cfg = load_config(args["<config>"])
     logs.setup(cfg.debug)
     log = logs.get_logger("")
     for key in cfg.deprecated:
         log.warning(deprecation_message(key), extra={"option": key})
+    for warning in config.warnings(cfg):
+        log.warning(warning)
     log.debug("configuration", extra={"configuration": cfg.to_json_dict()})
     return _serve(cfg, os.path.abspath(args["<config>"]))
 

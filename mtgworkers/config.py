@@ -41,6 +41,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from mtgworkers.defense.iplist import Network as IPNetwork
+from mtgworkers.defense.iplist import _parse_entry as parse_network
 from mtgworkers.protocol.secret import Secret, SecretError
 
 if sys.version_info >= (3, 11):
@@ -276,6 +278,8 @@ class Config:
     bind_to: HostPort
     debug: bool = False
     proxy_protocol_listener: bool = False
+    # EXTENSION: networks allowed to send a PROXY header; None = anyone (mtg's behaviour)
+    proxy_protocol_trusted: tuple[IPNetwork, ...] | None = None
     concurrency: int = 4096
     prefer_ip: str = "prefer-ipv6"
     public_ipv4: str | None = None
@@ -312,6 +316,9 @@ class Config:
             "secret": {"key": REDACTED, "host": self.secret.host},
             "bind-to": str(self.bind_to),
             "proxy-protocol-listener": self.proxy_protocol_listener,
+            "proxy-protocol-trusted": None
+            if self.proxy_protocol_trusted is None
+            else [str(network) for network in self.proxy_protocol_trusted],
             "concurrency": self.concurrency,
             "prefer-ip": self.prefer_ip,
             "public-ipv4": self.public_ipv4,
@@ -639,6 +646,15 @@ def _units_int(digits: str, text: str) -> int:
             raise _Invalid(f"invalid {text}")
         value = value * 10 + int(digit)
     return value
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    """Parse an IP network in CIDR notation, or one address (a /32 or /128 network), with
+    the rules of the IP list files (decimal prefix length, no zones). Raises ConfigError."""
+    try:
+        return parse_network(text)
+    except ValueError:
+        raise ConfigError(f"incorrect network {text!r}: expected an IP address or CIDR") from None
 
 
 def parse_ip(text: str) -> str:
@@ -1225,6 +1241,22 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+UNTRUSTED_PROXY_HEADERS = (
+    "proxy-protocol-listener is on and proxy-protocol-trusted is not set: any client can "
+    "send a PROXY header and claim any address, which gets it past the blocklist and "
+    "allowlist and puts that address in the logs and metrics; list the addresses of your "
+    "load balancers in proxy-protocol-trusted"
+)
+
+
+def warnings(config: Config) -> list[str]:
+    """Valid settings that an operator should hear about when they take effect."""
+    found = []
+    if config.proxy_protocol_listener and config.proxy_protocol_trusted is None:
+        found.append(UNTRUSTED_PROXY_HEADERS)
+    return found
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and parse a TOML config file.
 
@@ -1297,6 +1329,9 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
         bind_to=bind_to,
         debug=root.flag("debug"),
         proxy_protocol_listener=root.flag("proxy-protocol-listener"),
+        proxy_protocol_trusted=root.strings("proxy-protocol-trusted", parse_cidr)
+        if "proxy-protocol-trusted" in root.names()
+        else None,
         concurrency=root.integer("concurrency", parse_concurrency, 4096),
         prefer_ip=root.string("prefer-ip", parse_prefer_ip, "prefer-ipv6"),
         public_ipv4=root.string("public-ipv4", parse_ip, None),

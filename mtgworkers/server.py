@@ -221,6 +221,8 @@ class Worker:
         self.idle_timeout = timeouts.idle
         self.tolerate_time_skewness = config.tolerate_time_skewness
         self.proxy_protocol_listener = config.proxy_protocol_listener
+        trusted = config.proxy_protocol_trusted
+        self._proxy_trusted = None if trusted is None else IPList(trusted)
         self.prefer_ip = config.prefer_ip
         self.drs = config.defense.doppelganger.drs
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
@@ -411,6 +413,10 @@ class Worker:
             self.events.send(events.EventIPBlocklisted(ip, is_blocklist=True))
             return "blocklist"
         return None
+
+    def proxy_header_allowed(self, ip: str) -> bool:
+        """May a connection from ``ip`` send a PROXY header (proxy-protocol-trusted)?"""
+        return self._proxy_trusted is None or ip in self._proxy_trusted
 
     # -- fronting self-loop detection -----------------------------------------------------
 

@@ -198,6 +198,14 @@ class ClientSession(asyncio.Protocol):
             return
         if parsed is not proxyproto.NOT_PROXY:
             header, consumed = parsed
+            ip = self.client_addr[0]
+            if not self.worker.proxy_header_allowed(ip):
+                _log.info(
+                    "proxy protocol header from an untrusted address",
+                    extra={"ip": ip, "error": "the address is not in proxy-protocol-trusted"},
+                )
+                self.close()
+                return
             if header.local:
                 # A balancer's own connection (HAProxy's health checks send PROXY v2 LOCAL)
                 # or one it cannot attribute (v1 UNKNOWN): nobody to serve.

@@ -452,6 +452,8 @@ class Arbiter:
             logs.setup(new.debug)  # before the fork: the new workers inherit it
         for key in new.deprecated:
             _log.warning("deprecated option in the reloaded configuration", extra={"option": key})
+        for warning in config_module.warnings(new):
+            _log.warning(warning)
         from mtgworkers.server import raise_nofile_limit
 
         raise_nofile_limit(new.concurrency)

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+from mtgworkers.config import UNTRUSTED_PROXY_HEADERS
 from tests.supervisor.helpers import worker_pids
 from tests.support.client import FakeTLSClient
 from tests.support.env import KitSecret, ProxyPool
@@ -70,6 +71,70 @@ def _refused(proxy: ProxyProcess, data: bytes) -> bytes:
             return sock.recv(100)
         except ConnectionResetError:
             return b""
+
+
+@pytest.fixture
+def blocklist(tmp_path: Path) -> Path:
+    netset = tmp_path / "block.netset"
+    netset.write_text("127.0.0.1/32\n")  # direct clients from 127.0.0.1 are blocked
+    return netset
+
+
+def _with_lists(netset: Path, **more: Any) -> dict[str, Any]:
+    return {
+        "proxy-protocol-listener": True,
+        "supervisor": {"workers": 1},
+        "defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}},
+        **more,
+    }
+
+
+def test_forged_header_from_an_untrusted_address_is_refused(
+    proxy_factory: ProxyPool, test_secret: KitSecret, blocklist: Path, website: Website
+) -> None:
+    proxy = proxy_factory(_with_lists(blocklist, **{"proxy-protocol-trusted": [BALANCER]}))
+    proxy.wait_for_log("ip list was updated", logger="blocklist.ipblockist.firehol")
+
+    # a blocked client claims to be 8.8.8.8: refused, and the claim is not believed
+    mark = proxy.mark()
+    assert _refused(proxy, _v1("8.8.8.8") + b"\x16\x03\x01") == b""
+    proxy.wait_for_log(UNTRUSTED, since=mark, ip="127.0.0.1")
+    assert proxy.logs_matching("Stream has been started", since=mark) == []
+    # the same client without a header is what it is: blocked
+    assert _refused(proxy, b"\x16\x03\x01\x00\x05hello") == b""
+    proxy.wait_for_log("ip was blacklisted", since=mark, ip="127.0.0.1")
+    assert website.connections == []
+
+    # the balancer's header is believed, and the balancer itself may connect without one
+    _served(proxy, test_secret, _v1("198.51.100.9"), BALANCER)
+    proxy.wait_for_log("Stream has been started", since=mark, **{"client-ip": "198.51.100.9"})
+    _served(proxy, test_secret, b"", BALANCER)
+    proxy.wait_for_log("Stream has been started", since=mark, **{"client-ip": BALANCER})
+    assert _errors(proxy, 0) == []
+
+
+def test_without_a_trusted_list_headers_are_believed_with_a_warning(
+    proxy_factory: ProxyPool, test_secret: KitSecret
+) -> None:
+    proxy = proxy_factory({"proxy-protocol-listener": True})
+    proxy.wait_for_log(UNTRUSTED_PROXY_HEADERS, level="warn")
+    _served(proxy, test_secret, _v1("203.0.113.4"), "127.0.0.1")
+    proxy.wait_for_log("Stream has been started", **{"client-ip": "203.0.113.4"})
+
+
+def test_no_warning_with_a_trusted_list(proxy_factory: ProxyPool) -> None:
+    proxy = proxy_factory({"proxy-protocol-listener": True, "proxy-protocol-trusted": []})
+    proxy.wait_for_log("proxy is listening")
+    assert proxy.logs_matching(UNTRUSTED_PROXY_HEADERS) == []
+
+
+def test_an_empty_trusted_list_trusts_nobody(
+    proxy_factory: ProxyPool, test_secret: KitSecret
+) -> None:
+    proxy = proxy_factory({"proxy-protocol-listener": True, "proxy-protocol-trusted": []})
+    assert _refused(proxy, _v1("198.51.100.9") + b"\x16") == b""
+    proxy.wait_for_log(UNTRUSTED, ip="127.0.0.1")
+    _served(proxy, test_secret, b"", "127.0.0.1")
 
 
 # -- connections without a client ----------------------------------------------------------

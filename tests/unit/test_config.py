@@ -1690,6 +1690,7 @@ def _drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
 # Fuzzing: hostile input raises ConfigError and nothing else
 
 TEXT_PARSERS = [
+    config.parse_cidr,
     parse_duration,
     parse_bytes,
     parse_host_port,
@@ -1821,3 +1822,55 @@ def test_statsd_enabled_without_address_names_the_key() -> None:
     }
     with pytest.raises(ConfigError, match=r"^stats\.statsd\.address: "):
         parse(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# proxy-protocol-trusted (ours)
+
+
+def test_proxy_protocol_trusted_is_unset_by_default() -> None:
+    cfg = parse(minimal(**{"proxy-protocol-listener": True}))
+    assert cfg.proxy_protocol_trusted is None
+    assert config.warnings(cfg) == [config.UNTRUSTED_PROXY_HEADERS]
+    assert config.warnings(parse(minimal())) == []  # no listener: nothing to warn about
+
+
+def test_proxy_protocol_trusted_networks() -> None:
+    cfg = parse(
+        minimal(
+            **{
+                "proxy-protocol-listener": True,
+                "proxy-protocol-trusted": ["127.0.0.1", "10.1.2.3/8", "::1/128", "fd00::/8"],
+            }
+        )
+    )
+    assert [str(n) for n in cfg.proxy_protocol_trusted or ()] == [
+        "127.0.0.1/32",
+        "10.0.0.0/8",
+        "::1/128",
+        "fd00::/8",
+    ]
+    assert config.warnings(cfg) == []
+    assert cfg.to_json_dict()["proxy-protocol-trusted"] == [
+        "127.0.0.1/32",
+        "10.0.0.0/8",
+        "::1/128",
+        "fd00::/8",
+    ]
+    empty = parse(minimal(**{"proxy-protocol-trusted": []}))
+    assert empty.proxy_protocol_trusted == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["10.0.0.0/8", "x"], "proxy-protocol-trusted[1]: incorrect network 'x'"),
+        (["10.0.0.0/33"], "proxy-protocol-trusted[0]: incorrect network '10.0.0.0/33'"),
+        (["fe80::1%eth0"], "proxy-protocol-trusted[0]: incorrect network 'fe80::1%eth0'"),
+        (["10.0.0.0/255.0.0.0"], "proxy-protocol-trusted[0]: incorrect network"),
+        ([1], "proxy-protocol-trusted[0]: expected a string, got integer"),
+        ("10.0.0.0/8", "proxy-protocol-trusted: expected an array of strings, got string"),
+    ],
+)
+def test_proxy_protocol_trusted_errors(value: Any, message: str) -> None:
+    assert error_of(minimal(**{"proxy-protocol-trusted": value})).startswith(message)
