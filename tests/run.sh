@@ -17,6 +17,12 @@ apt_install() {
 # promtool (Debian package "prometheus") checks the exporter's output format.
 if ! command -v promtool >/dev/null 2>&1; then apt_install prometheus; fi
 
+# unbound (built with libnghttp2, as Debian's is) is the real DNS-over-HTTPS server the
+# DoH client is tested against; its binary lives in /usr/sbin.
+if ! command -v unbound >/dev/null 2>&1 && [ ! -x /usr/sbin/unbound ]; then
+  apt_install unbound
+fi
+
 # Debian splits venv/pip out of python3.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_install python3-venv python3-pip

@@ -35,7 +35,7 @@ from mtgworkers.doctor.tlsclient import (
     tls_handshake,
 )
 from mtgworkers.net.dial import Dialer
-from mtgworkers.net.dns import make_resolver
+from mtgworkers.net.dns import DOH_ALPN, make_resolver
 from mtgworkers.protocol import proxyproto
 from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG, local_addresses
 
@@ -122,7 +122,7 @@ class Context:
         ca_file = ca_file or doctor.ca_file
         dns_context = None
         if ca_file and config.network.dns and config.network.dns.startswith(("tls:", "https:")):
-            alpn = ("http/1.1",) if config.network.dns.startswith("https:") else ()
+            alpn = DOH_ALPN if config.network.dns.startswith("https:") else ()
             dns_context = verifying_context(ca_file, alpn)
         if ca_file:
             verifying_context(ca_file)  # fail early, with the file's name, if it is unusable

@@ -5,7 +5,8 @@
 - ``None``                      the system resolver (``getaddrinfo``: /etc/hosts, nsswitch);
 - ``udp://IP[:port]`` or ``IP``  classic DNS to that server, retried over TCP when truncated;
 - ``tls://host[:port]``         DNS-over-TLS (RFC 7858), port 853 by default;
-- ``https://host[:port][/path]`` DNS-over-HTTPS (RFC 8484, POST), path ``/dns-query`` by default.
+- ``https://host[:port][/path]`` DNS-over-HTTPS (RFC 8484, POST), path ``/dns-query`` by default,
+  over HTTP/2 or HTTP/1.1 as the server picks by ALPN.
 
 Every resolver answers ``resolve(host)`` with IP strings (an IP literal is
 returned as is, without a query), caches positive answers for min(TTL, 1 h)
@@ -14,12 +15,14 @@ bounds each look-up by a timeout. Failures raise :class:`ResolveError`.
 
 The host names of DoT/DoH servers themselves are resolved with the system
 resolver (there is nothing else to bootstrap from); TLS verification uses the
-system trust store unless an ``ssl_context`` is given (tests).
+system trust store unless an ``ssl_context`` is given (tests). A DoH context
+should offer :data:`DOH_ALPN`: without ALPN the server is spoken to in HTTP/1.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -34,9 +37,16 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdatatype
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "DOH_ALPN",
     "MAX_CACHE_TTL",
     "HttpsResolver",
     "ResolveError",
@@ -60,6 +70,8 @@ EDNS_PAYLOAD = 1232
 _MAX_DNS_MESSAGE = 65535
 _MAX_HTTP_HEAD = 16384
 _DOH_MEDIA_TYPE = "application/dns-message"
+# ALPN offered to DoH servers, preferred first (mtg's Go client also negotiates h2).
+DOH_ALPN = ("h2", "http/1.1")
 
 
 class ResolveError(OSError):
@@ -389,10 +401,13 @@ class TlsResolver(_TlsServerResolver):
 
 
 class HttpsResolver(_TlsServerResolver):
-    """DNS-over-HTTPS (RFC 8484): POST application/dns-message over HTTP/1.1.
+    """DNS-over-HTTPS (RFC 8484): POST application/dns-message over HTTP/2 or HTTP/1.1.
 
-    Both queries go over one keep-alive connection; a small HTTP/1.1 client of
-    our own (Content-Length and chunked bodies) keeps dependencies down.
+    ALPN offers both (:data:`DOH_ALPN`). Over HTTP/2 both queries are two streams
+    of one connection (the h2 library keeps the protocol state, we move the bytes);
+    over HTTP/1.1 (also when the server picks no ALPN) both go over one keep-alive
+    connection, through a small HTTP/1.1 client of our own (Content-Length and
+    chunked bodies).
     """
 
     def __init__(
@@ -411,7 +426,7 @@ class HttpsResolver(_TlsServerResolver):
     @staticmethod
     def _default_context() -> ssl.SSLContext:
         context = ssl.create_default_context()
-        context.set_alpn_protocols(["http/1.1"])
+        context.set_alpn_protocols(list(DOH_ALPN))
         return context
 
     def _make_query(
@@ -425,6 +440,17 @@ class HttpsResolver(_TlsServerResolver):
         self, queries: list[dns.message.Message]
     ) -> Sequence[dns.message.Message | BaseException]:
         reader, writer = await self._connect()
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            return await self._exchange_h2(reader, writer, queries)
+        return await self._exchange_http1(reader, writer, queries)
+
+    async def _exchange_http1(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queries: list[dns.message.Message],
+    ) -> list[dns.message.Message | BaseException]:
         must_reconnect = False
         try:
             responses: list[dns.message.Message | BaseException] = []
@@ -437,18 +463,61 @@ class HttpsResolver(_TlsServerResolver):
                 status, headers, body = await _read_http_response(reader)
                 if status != 200:
                     raise _QueryError(f"DNS-over-HTTPS server answered HTTP {status}")
-                try:
-                    response = dns.message.from_wire(body)
-                except dns.exception.DNSException as exc:
-                    raise _QueryError(
-                        f"bad DNS message from DNS-over-HTTPS server: {exc}"
-                    ) from None
-                if not query.is_response(response):
-                    raise _QueryError("DNS-over-HTTPS server answered a different question")
-                responses.append(response)
+                responses.append(_doh_answer(query, body))
                 # The server will not take another request on this connection.
                 must_reconnect = "close" in headers.get("connection", "").lower()
             return responses
+        finally:
+            writer.close()
+
+    async def _exchange_h2(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queries: list[dns.message.Message],
+    ) -> list[dns.message.Message | BaseException]:
+        """All queries as concurrent streams; one answer or _QueryError per query.
+
+        A problem of one stream (RST_STREAM, a status other than 200, a wrong
+        content type, an oversized or bad body) fails that query only; one of the
+        connection (GOAWAY, EOF, a protocol error) fails every query still open.
+        """
+        try:
+            connection = h2.connection.H2Connection(_H2_CONFIG)
+            connection.local_settings = h2.settings.Settings(
+                client=True,
+                initial_values={
+                    h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HTTP_HEAD,
+                },
+            )
+            connection.initiate_connection()
+            streams: dict[int, _H2Stream] = {}
+            for query in queries:
+                stream_id = connection.get_next_available_stream_id()
+                wire = query.to_wire()
+                connection.send_headers(stream_id, self._h2_request_headers(len(wire)))
+                connection.send_data(stream_id, wire, end_stream=True)
+                streams[stream_id] = _H2Stream(query)
+            writer.write(connection.data_to_send())
+            while any(stream.outcome is None for stream in streams.values()):
+                data = await reader.read(_MAX_DNS_MESSAGE + 1)
+                if not data:
+                    _fail_open(streams, "DNS-over-HTTPS server closed the connection early")
+                    break
+                try:
+                    events = connection.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    _fail_open(streams, f"HTTP/2 protocol error from DNS-over-HTTPS server: {exc}")
+                    break
+                for event in events:
+                    _h2_event(connection, streams, event)
+                writer.write(connection.data_to_send())  # settings ACKs, window updates, pings
+            # Every stream has its outcome now: the loop ends only then, or after _fail_open.
+            return [
+                _QueryError("no answer") if stream.outcome is None else stream.outcome
+                for stream in streams.values()
+            ]
         finally:
             writer.close()
 
@@ -467,16 +536,137 @@ class HttpsResolver(_TlsServerResolver):
                 failures.append(f"{_hostport(address, self.port)}: {_describe(exc)}")
         raise _QueryError(f"cannot connect to DNS-over-HTTPS server: {'; '.join(failures)}")
 
+    def _authority(self) -> str:
+        """The Host header / :authority: the port only when it is not 443."""
+        return _hostport(self.host, self.port) if self.port != 443 else _bracket(self.host)
+
     def _request_head(self, length: int) -> bytes:
-        host = _hostport(self.host, self.port) if self.port != 443 else _bracket(self.host)
         return (
             f"POST {self.path} HTTP/1.1\r\n"
-            f"Host: {host}\r\n"
+            f"Host: {self._authority()}\r\n"
             f"Content-Type: {_DOH_MEDIA_TYPE}\r\n"
             f"Accept: {_DOH_MEDIA_TYPE}\r\n"
             f"Content-Length: {length}\r\n"
             "\r\n"
         ).encode("ascii")
+
+    def _h2_request_headers(self, length: int) -> list[tuple[str, str]]:
+        return [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", self._authority()),
+            (":path", self.path),
+            ("content-type", _DOH_MEDIA_TYPE),
+            ("accept", _DOH_MEDIA_TYPE),
+            ("content-length", str(length)),
+        ]
+
+
+def _doh_answer(query: dns.message.Message, body: bytes) -> dns.message.Message:
+    """The DNS message in a 200 answer's ``body``; raises _QueryError."""
+    try:
+        response = dns.message.from_wire(body)
+    except dns.exception.DNSException as exc:
+        raise _QueryError(f"bad DNS message from DNS-over-HTTPS server: {exc}") from None
+    if not query.is_response(response):
+        raise _QueryError("DNS-over-HTTPS server answered a different question")
+    return response
+
+
+# Received headers stay bytes (no decoding guesses); h2 checks them against HTTP/2's rules.
+_H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
+
+
+class _H2Stream:
+    """One query's HTTP/2 stream: the body so far, then the answer or the error."""
+
+    def __init__(self, query: dns.message.Message) -> None:
+        self.query = query
+        self.body = bytearray()
+        self.outcome: dns.message.Message | _QueryError | None = None
+
+
+def _h2_error_name(code: int) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return f"error code {code:#x}"
+
+
+def _fail_open(streams: dict[int, _H2Stream], reason: str) -> None:
+    for stream in streams.values():
+        if stream.outcome is None:
+            stream.outcome = _QueryError(reason)
+
+
+def _h2_event(
+    connection: h2.connection.H2Connection, streams: dict[int, _H2Stream], event: h2.events.Event
+) -> None:
+    """Apply one HTTP/2 event to the streams; events of other streams are ignored."""
+    if isinstance(event, h2.events.ConnectionTerminated):
+        code = _h2_error_name(event.error_code or 0)
+        _fail_open(streams, f"DNS-over-HTTPS server closed the HTTP/2 connection (GOAWAY {code})")
+        return
+    if isinstance(event, h2.events.DataReceived):
+        # Hand the flow-control window back, whatever becomes of the data.
+        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    if not isinstance(
+        event,
+        (
+            h2.events.ResponseReceived,
+            h2.events.DataReceived,
+            h2.events.StreamEnded,
+            h2.events.StreamReset,
+        ),
+    ):
+        return  # settings, window updates, pings (h2 answers them), 1xx, trailers
+    stream = streams.get(event.stream_id)
+    if stream is None or stream.outcome is not None:
+        return
+    if isinstance(event, h2.events.StreamEnded):
+        try:
+            stream.outcome = _doh_answer(stream.query, bytes(stream.body))
+        except _QueryError as exc:
+            stream.outcome = exc
+        return
+    if isinstance(event, h2.events.StreamReset):
+        code = _h2_error_name(event.error_code)
+        stream.outcome = _QueryError(f"DNS-over-HTTPS server reset the HTTP/2 stream ({code})")
+        return
+    try:
+        if isinstance(event, h2.events.ResponseReceived):
+            _h2_check_head(event.headers)
+        else:
+            stream.body += event.data
+            if len(stream.body) > _MAX_DNS_MESSAGE:
+                raise _QueryError("DNS-over-HTTPS answer too large")
+    except _QueryError as exc:
+        stream.outcome = exc
+        if event.stream_ended is None:
+            # Nothing more of this stream is wanted (the others go on).
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+
+
+def _h2_check_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+    """Raise _QueryError unless the response head is 200 application/dns-message."""
+    fields: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1") if isinstance(name, bytes) else name
+        fields[key.lower()] = value.decode("latin-1") if isinstance(value, bytes) else value
+    status = fields.get(":status", "")
+    if status != "200":
+        raise _QueryError(f"DNS-over-HTTPS server answered HTTP {status[:20]}")
+    media_type = fields.get("content-type", "").partition(";")[0].strip().lower()
+    if not media_type:
+        raise _QueryError("DNS-over-HTTPS server sent no Content-Type")
+    if media_type != _DOH_MEDIA_TYPE:
+        raise _QueryError(
+            f"DNS-over-HTTPS server sent Content-Type {media_type[:80]!r}, not {_DOH_MEDIA_TYPE}"
+        )
+    length = fields.get("content-length", "")
+    if length.isdigit() and int(length) > _MAX_DNS_MESSAGE:
+        raise _QueryError(f"DNS-over-HTTPS answer too large: {int(length)} bytes")
 
 
 def _bracket(host: str) -> str:
