@@ -29,7 +29,13 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mtgworkers.protocol.faketls import MAX_RECORD_PAYLOAD, RecordReader, TLSError
+from mtgworkers.protocol.faketls import (
+    MAX_RECORD_PAYLOAD,
+    RecordReader,
+    TLSError,
+    record_header,
+    wrap_application_data,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,8 +44,6 @@ if TYPE_CHECKING:
 # enough that 10k slow readers cannot take more than ~2.5 GiB together.
 WRITE_BUFFER_HIGH = 256 * 1024
 WRITE_BUFFER_LOW = 64 * 1024
-
-_RECORD_HEADER = b"\x17\x03\x03"
 
 
 class SessionHooks(Protocol):
@@ -177,18 +181,8 @@ class TelegramSide(Side):
         session = self.session
         session.touched = True
         session.bytes_to_client += size
-        if size <= MAX_RECORD_PAYLOAD:
-            record = _RECORD_HEADER + size.to_bytes(2, "big") + out
-        else:
-            view = memoryview(out)
-            parts: list[bytes | memoryview] = []
-            for start in range(0, size, MAX_RECORD_PAYLOAD):
-                chunk = view[start : start + MAX_RECORD_PAYLOAD]
-                parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
-                parts.append(chunk)
-            record = b"".join(parts)
         try:
-            self.peer.write(record)  # type: ignore[union-attr]
+            self.peer.write(wrap_application_data(out))  # type: ignore[union-attr]
         except RuntimeError:  # the peer's handle closed in this loop iteration
             session.side_failed(self, "peer connection is closed")
 
@@ -243,7 +237,7 @@ class DRSTelegramSide(TelegramSide):
             chunk = view[pos : pos + limit]
             pos += len(chunk)
             records += 1
-            parts.append(_RECORD_HEADER + len(chunk).to_bytes(2, "big"))
+            parts.append(record_header(len(chunk)))
             parts.append(chunk)
         self.records = records
         try:

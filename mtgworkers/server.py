@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import os
 import resource
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -23,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from mtgworkers import events, links
+from mtgworkers import events
 from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.iplist import IPList
 from mtgworkers.defense.updater import IPListUpdater
 from mtgworkers.net.dial import Dialer
-from mtgworkers.net.dns import make_resolver
+from mtgworkers.net.dns import Resolver, make_resolver
 from mtgworkers.net.http import url_fetcher
 from mtgworkers.session import ClientSession
 from mtgworkers.telegram_updater import PublicConfigUpdater
@@ -199,13 +198,19 @@ class Worker:
         config: Config,
         loop: asyncio.AbstractEventLoop,
         *,
-        replay_filter: ReplayFilter | None = None,
-        limiter: Limiter | None = None,
+        resolver: Resolver,
+        dialer: Dialer,
+        replay_filter: ReplayFilter,
+        limiter: Limiter,
+        events: events.EventStream,
         clock: Callable[[], float] = time.time,
         startup_checks: bool = False,
     ) -> None:
-        # startup_checks: run run_startup_checks() in the background once listening. With
-        # several worker processes the caller enables it in one of them only.
+        """A worker over its collaborators; :func:`build_worker` makes them from a config.
+
+        startup_checks: run run_startup_checks() in the background once listening. With
+        several worker processes the caller enables it in one of them only.
+        """
         self.startup_checks = startup_checks
         self.config = config
         self.loop = loop
@@ -227,23 +232,16 @@ class Worker:
         self.drs = config.defense.doppelganger.drs
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
         self.dc_table = DCTable(overrides=config.dc_overrides)
-        self.resolver = make_resolver(config.network.dns)
-        self.dialer = Dialer(config.network, self.resolver)
-        if replay_filter is None:
-            anti_replay = config.defense.anti_replay
-            if anti_replay.enabled:
-                buf = bytearray(StableBloomFilter.buffer_size(anti_replay.max_size))
-                replay_filter = StableBloomFilter.create(
-                    buf, anti_replay.max_size, anti_replay.error_rate
-                )
-            else:
-                replay_filter = NoopFilter()
-        self.replay_filter: ReplayFilter = replay_filter
-        self.limiter: Limiter = limiter or LocalLimiter(config.concurrency)
-        self.events = events.EventStream(on_error=self._observer_failed)
+        self.resolver = resolver
+        self.dialer = dialer
+        self.replay_filter = replay_filter
+        self.limiter = limiter
+        self.events = events
         # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
         self._accepting = 0  # accepted, connection_made not run yet
+        self._idle: asyncio.Future[None] | None = None  # resolved when the last session ends
+        self._count_accepting = True  # does _idle also wait for connections being accepted
         # (local, remote) ends of our open fronting connections, see fronting_dialled()
         self._fronting_dials: set[FrontingKey] = set()
         fronting = config.domain_fronting
@@ -350,9 +348,31 @@ class Worker:
         return ClientSession(self)
 
     def accepted(self, session: ClientSession) -> None:
-        """A session's connection_made ran: it is live until its ``_finish``."""
+        """A session's connection_made ran: it is live until :meth:`finished`."""
         self._accepting -= 1
         self.sessions.add(session)
+
+    def finished(self, session: ClientSession) -> None:
+        """A session ended (both transports closed)."""
+        self.sessions.discard(session)
+        if self._idle is not None and self._is_idle():
+            self._idle.set_result(None)
+            self._idle = None
+
+    def _is_idle(self) -> bool:
+        return not self.sessions and (self._accepting <= 0 or not self._count_accepting)
+
+    async def _sessions_ended(self, timeout: float, *, accepting: bool) -> None:
+        """Wait up to ``timeout`` seconds until no session is left; with ``accepting``,
+        also none that was accepted but has not reached connection_made yet."""
+        self._count_accepting = accepting
+        if self._is_idle():
+            return
+        idle = self._idle = self.loop.create_future()
+        try:
+            await asyncio.wait_for(idle, timeout)
+        except asyncio.TimeoutError:
+            self._idle = None
 
     def stop_accepting(self) -> None:
         """Stop accepting new connections; running sessions go on.
@@ -368,11 +388,9 @@ class Worker:
         """Stop accepting, let sessions end by themselves for up to ``timeout`` seconds,
         then cut the rest. Returns how many sessions had to be cut."""
         self.stop_accepting()
-        deadline = self.loop.time() + timeout
         # Connections accepted in the same loop turn as stop_accepting() become sessions
-        # only when their connection_made runs: wait for those too.
-        while (self.sessions or self._accepting > 0) and self.loop.time() < deadline:
-            await asyncio.sleep(min(0.1, max(0.0, deadline - self.loop.time())))
+        # only when their connection_made runs: _sessions_ended() waits for those too.
+        await self._sessions_ended(timeout, accepting=True)
         remaining = len(self.sessions)
         await self.stop()
         return remaining
@@ -394,9 +412,7 @@ class Worker:
             await server.wait_closed()
         # aborted transports report connection_lost on the next loop iterations: wait for
         # every session to finish (events, limiter release) before the loop goes away
-        deadline = self.loop.time() + 1.0
-        while self.sessions and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        await self._sessions_ended(1.0, accepting=False)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -500,121 +516,76 @@ class Worker:
                 _log.error("session tick failed", extra={"error": repr(exc)}, exc_info=exc)
         self._sweeper = loop.call_later(self._tick, self._sweep)
 
-    def _observer_failed(self, exc: BaseException) -> None:
-        _log.error("event observer failed", extra={"error": repr(exc)}, exc_info=exc)
 
+def build_worker(
+    config: Config,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    metrics_id: int | str,
+    replay_filter: ReplayFilter | None = None,
+    limiter: Limiter | None = None,
+    clock: Callable[[], float] = time.time,
+    startup_checks: bool = False,
+) -> tuple[Worker, Callable[[], None]]:
+    """The one way to make a serving :class:`Worker` from a config: the supervisor's
+    workers, simple-run (through the supervisor) and the tests all boot through here.
 
-def attach_stats(worker: Worker, worker_slot: int | str) -> Callable[[], None]:
-    """Subscribe the metrics observers that ``worker.config`` enables ([stats.prometheus],
-    [stats.statsd]) to ``worker.events``: the hook for every worker entry point.
+    Builds the collaborators the config describes: resolver, dialer, event stream and the
+    metrics observers ``[stats.prometheus]``/``[stats.statsd]`` enable. What is shared
+    between worker processes is passed in: ``replay_filter`` (default: a private filter
+    per ``[defense.anti-replay]``) and ``limiter`` (default: a private ``concurrency``
+    gate). Call it in the worker process (after fork) and before ``worker.start()``.
 
-    Call it in the worker process (after fork) and before ``worker.start()``, which
-    already sends events. ``worker_slot`` names this process's Prometheus files and must
-    be unique among the worker processes alive at the same time; a replacement of a dead
-    worker should reuse its value so that counters continue from its totals (under the
-    supervisor: the scoreboard cell, not the listening slot, because both generations of
-    a slot run at once during a reload). Prometheus needs ``PROMETHEUS_MULTIPROC_DIR``,
-    set by whoever created the exporter (:class:`supervisor.exporter.Exporter`).
+    ``metrics_id`` names this process's Prometheus files and must be unique among the
+    worker processes alive at the same time; a replacement of a dead worker should reuse
+    it so that counters continue from its totals (under the supervisor: the scoreboard
+    cell). Prometheus needs ``PROMETHEUS_MULTIPROC_DIR``, set by whoever runs the exporter.
 
-    Returns a function that flushes and detaches the observers; call it after
-    ``worker.stop()``/``worker.drain()`` so the sessions' last traffic is counted.
-    Without stats enabled nothing is subscribed and the function does nothing. Raises
-    :class:`mtgworkers.stats.StatsError` when an enabled observer cannot be set up.
+    Returns the worker and a function that flushes and detaches the observers: call it
+    after ``worker.stop()``/``worker.drain()`` so the sessions' last traffic is counted.
+    Raises :class:`mtgworkers.stats.StatsError` when an enabled observer cannot be set up.
     """
     from mtgworkers import stats
 
-    observers = stats.make_observers(worker.config, worker_slot)
+    if replay_filter is None:
+        anti_replay = config.defense.anti_replay
+        if anti_replay.enabled:
+            buf = bytearray(StableBloomFilter.buffer_size(anti_replay.max_size))
+            replay_filter = StableBloomFilter.create(
+                buf, anti_replay.max_size, anti_replay.error_rate
+            )
+        else:
+            replay_filter = NoopFilter()
+    resolver = make_resolver(config.network.dns)
+    stream = events.EventStream(on_error=_observer_failed)
+    try:
+        observers = stats.make_observers(config, metrics_id)
+    except OSError as exc:
+        raise stats.StatsError(f"cannot write metrics: {exc}") from exc
     for observer in observers:
-        observer.start(worker.loop)
-        worker.events.subscribe(observer)
+        observer.start(loop)
+        stream.subscribe(observer)
 
     def detach() -> None:
         for observer in observers:
             with contextlib.suppress(ValueError):
-                worker.events.unsubscribe(observer)
+                stream.unsubscribe(observer)
             observer.close()
         observers.clear()
 
-    return detach
+    worker = Worker(
+        config,
+        loop,
+        resolver=resolver,
+        dialer=Dialer(config.network, resolver),
+        replay_filter=replay_filter,
+        limiter=limiter or LocalLimiter(config.concurrency),
+        events=stream,
+        clock=clock,
+        startup_checks=startup_checks,
+    )
+    return worker, detach
 
 
-def serve(config: Config) -> int:
-    """Run one worker until SIGINT/SIGTERM. Returns the process exit code.
-
-    With [stats.prometheus] enabled the metrics exporter runs as a child process (the
-    same one the supervisor uses) and this worker writes its values as worker 0.
-    """
-    import uvloop
-
-    raise_nofile_limit(config.concurrency)
-    exporter = None
-    if config.stats.prometheus.enabled:
-        # Before the event loop exists: nothing is running when the exporter is spawned.
-        from supervisor.exporter import Exporter, ExporterError
-
-        try:
-            exporter = Exporter(config.stats.prometheus, debug=config.debug)
-            exporter.start()
-        except (ExporterError, OSError) as exc:
-            _log.error("cannot start proxy", extra={"error": str(exc)})
-            if exporter is not None:
-                exporter.close()
-            return 1
-    from mtgworkers.stats import StatsError
-
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    worker = Worker(config, loop, startup_checks=True)
-    detach_stats: Callable[[], None] | None = None
-    try:
-        try:
-            detach_stats = attach_stats(worker, 0)
-        except OSError as exc:
-            raise StatsError(f"cannot write metrics: {exc}") from exc
-    except StatsError as exc:
-        _log.error("cannot start proxy", extra={"error": str(exc)})
-        loop.close()
-        if exporter is not None:
-            exporter.close()
-        return 1
-
-    # One run of the loop from start to stop: uvloop only sees signals while it runs, so a
-    # SIGTERM between two run_until_complete() calls would wait for the next signal.
-    stopping = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    watch: asyncio.TimerHandle | None = None
-
-    async def main() -> None:
-        nonlocal watch
-        await worker.start()
-        addresses = ", ".join(_join(h, p) for h, p in worker.listen_addresses)
-        _log.warning("proxy is listening", extra={"bind_to": addresses})
-        for link in links.redacted_links(config):
-            _log.warning("proxy link", extra={"tg_url": link, "hint": links.access_hint(None)})
-        if exporter is not None:
-            watched = exporter
-
-            def watch_exporter() -> None:
-                nonlocal watch
-                watched.poll()
-                watch = loop.call_later(1.0, watch_exporter)
-
-            watch = loop.call_later(1.0, watch_exporter)
-        await stopping.wait()
-        await worker.stop()
-
-    try:
-        loop.run_until_complete(main())
-    except StartupError as exc:
-        _log.error("cannot start proxy", extra={"error": str(exc)})
-        return 1
-    finally:
-        if watch is not None:
-            watch.cancel()
-        if detach_stats is not None:
-            detach_stats()
-        loop.close()
-        if exporter is not None:
-            exporter.close()
-    return 0
+def _observer_failed(exc: BaseException) -> None:
+    _log.error("event observer failed", extra={"error": repr(exc)}, exc_info=exc)

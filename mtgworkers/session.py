@@ -1,12 +1,16 @@
 """The session orchestrator: everything that happens to one accepted client connection.
 
 This is the only place where a client session is put together; the layers it composes
-(PROXY protocol, FakeTLS, obfuscated2, DC choice, dialer, relay) know nothing about each
-other. The order of operations and the failure routing follow mtg (see protocol.md §0):
+(the handshake machine, dialer, relay) know nothing about each other. The order of
+operations and the failure routing follow mtg (see docs/protocol.md §0):
 
     accept -> [PROXY header] -> allowlist/blocklist -> concurrency gate -> ClientHello
       -> anti-replay -> ServerHello -> obfuscated2 frame -> dial DC -> relay
     any ClientHello failure or a replayed hello -> domain fronting (replay the bytes read)
+
+Every decision about the client's bytes up to the obfuscated2 frame is taken by
+:class:`mtgworkers.protocol.handshake.ServerHandshake`, which does no I/O; this module is
+the glue that carries them out: writes, admission, timers, dials, logs and events.
 
 ``ClientSession`` is the client transport's protocol during the handshake. Once the
 upstream is connected the client transport is handed to a relay side protocol
@@ -23,8 +27,18 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from mtgworkers import events
-from mtgworkers.protocol import faketls, obfs2, proxyproto
-from mtgworkers.protocol.errors import ProtocolError
+from mtgworkers.protocol import obfs2, proxyproto
+from mtgworkers.protocol.handshake import (
+    NEED_DATA,
+    ClientKnown,
+    Close,
+    CloseReason,
+    Dial,
+    Front,
+    FrontReason,
+    Reply,
+    ServerHandshake,
+)
 from mtgworkers.relay import ClientSide, DRSTelegramSide, RawSide, Side, TelegramSide
 
 if TYPE_CHECKING:
@@ -33,16 +47,12 @@ if TYPE_CHECKING:
     from mtgworkers.server import FrontingKey, Worker
 
 # session states
-PROXY_HEADER = 0  # waiting for an optional PROXY protocol header
-HELLO = 1  # reading the FakeTLS ClientHello
-OBFS2 = 2  # reading the 64-byte obfuscated2 frame inside TLS records
-DIALING = 3  # connecting to a DC or to the fronting host; client reading paused
-RELAY = 4  # both transports up, bytes flowing
-CLOSING = 5  # transports closing (flushing), waiting for connection_lost
-CLOSED = 6
+HANDSHAKE = 0  # the handshake machine reads the client's bytes
+DIALING = 1  # connecting to a DC or to the fronting host; client reading paused
+RELAY = 2  # both transports up, bytes flowing
+CLOSING = 3  # transports closing (flushing), waiting for connection_lost
+CLOSED = 4
 
-# A ClientHello may span at most 11 records of at most 65535 bytes each (mtg's limits).
-_MAX_HELLO_BYTES = 11 * (5 + 0xFFFF)
 # Bytes buffered from a client while its fronting connection is being dialled.
 _MAX_FRONT_BUFFER = 1 << 20
 
@@ -51,26 +61,10 @@ _relay_log = logging.getLogger("mtgworkers.proxy.relay")
 _front_log = logging.getLogger("mtgworkers.proxy.domain-fronting")
 
 
-def _records_end(buf: bytearray | bytes, start: int) -> int:
-    """Return the buffer length at which the next TLS record starting at ``start`` ends.
-
-    Used to skip re-parsing an incomplete ClientHello on every tiny chunk.
-    """
-    pos = start
-    while True:
-        if len(buf) < pos + 5:
-            return pos + 5
-        end = pos + 5 + int.from_bytes(buf[pos + 3 : pos + 5], "big")
-        if len(buf) < end:
-            return end
-        pos = end
-
-
 class ClientSession(asyncio.Protocol):
     """Protocol of an accepted client connection; orchestrates its whole life."""
 
     __slots__ = (
-        "_hello_need",
         "_open_transports",
         "_task",
         "_timer",
@@ -83,7 +77,7 @@ class ClientSession(asyncio.Protocol):
         "front_key",
         "fronted",
         "last_active",
-        "reader",
+        "machine",
         "started",
         "state",
         "stream_id",
@@ -96,12 +90,12 @@ class ClientSession(asyncio.Protocol):
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.state = PROXY_HEADER
+        self.state = HANDSHAKE
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.upstream_ip = ""
-        self.buf = bytearray()
-        self.reader: faketls.RecordReader | None = None
+        self.machine: ServerHandshake | None = None
+        self.buf = bytearray()  # client bytes for the fronting host, while it is dialled
         self.client_addr: tuple[str, int] = ("", 0)
         self.stream_id = ""
         self.started = False  # counted against concurrency, start event sent
@@ -114,7 +108,6 @@ class ClientSession(asyncio.Protocol):
         self.bytes_from_client = 0
         self.bytes_to_client = 0
         self._open_transports = 0
-        self._hello_need = 5
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[None] | None = None
 
@@ -134,19 +127,23 @@ class ClientSession(asyncio.Protocol):
             self._abort()
             return
         self.client_addr = (_normalise_ip(peer[0]), peer[1])
+        self.machine = ServerHandshake(
+            worker.secret,
+            self.client_addr,
+            tolerance=worker.tolerate_time_skewness,
+            replayed=worker.replay_filter.test_and_add,
+            random_bytes=worker.random_bytes,
+            proxy_header=worker.proxy_protocol_listener,
+            header_allowed=worker.proxy_header_allowed(self.client_addr[0]),
+        )
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
-        if worker.proxy_protocol_listener:
-            return  # the client address is known only after the PROXY header
-        self._admit()
+        self._drive()
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == HELLO:
-            self._hello_data(data)
-        elif state == OBFS2:
-            self._obfs2_data(data)
-        elif state == PROXY_HEADER:
-            self._proxy_header_data(data)
+        if state == HANDSHAKE:
+            self.machine.receive(data)  # type: ignore[union-attr]
+            self._drive()
         elif state == DIALING and self.fronted:
             self.buf += data
             if len(self.buf) > _MAX_FRONT_BUFFER:
@@ -160,7 +157,33 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport_lost()
 
-    # -- admission ------------------------------------------------------------------------
+    # -- the handshake: carry out what the machine decides ---------------------------------
+
+    def _drive(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        clock = self.worker.clock
+        while self.state == HANDSHAKE:
+            action = machine.next_action(clock())
+            if action is NEED_DATA:
+                return
+            kind = type(action)
+            if kind is Reply:
+                try:
+                    self.transport.write(action.data)  # type: ignore[union-attr]
+                except Exception as exc:  # a transport in error state
+                    _log.info("cannot send welcome packet", extra={"error": str(exc)})
+                    self.close()
+            elif kind is ClientKnown:
+                address = action.address  # type: ignore[union-attr]
+                self.client_addr = (_normalise_ip(address[0]), address[1])
+                self._admit()
+            elif kind is Front:
+                self._front(action)  # type: ignore[arg-type]
+            elif kind is Dial:
+                self._dial(action)  # type: ignore[arg-type]
+            else:
+                self._refused(action)  # type: ignore[arg-type]
 
     def _admit(self) -> None:
         worker = self.worker
@@ -180,134 +203,48 @@ class ClientSession(asyncio.Protocol):
         worker.events.send(events.EventStart(self.stream_id, ip))
         if _log.isEnabledFor(logging.INFO):
             _log.info("Stream has been started", extra=self._fields())
-        self.state = HELLO
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
-            self._hello_data(data)
 
-    def _proxy_header_data(self, data: bytes) -> None:
-        self.buf += data
-        try:
-            parsed = proxyproto.parse_header(self.buf)
-        except ProtocolError as exc:
-            _log.info("cannot parse proxy protocol header", extra={"error": str(exc)})
-            self.close()
-            return
-        if parsed is None:
-            return
-        if parsed is not proxyproto.NOT_PROXY:
-            header, consumed = parsed
-            ip = self.client_addr[0]
-            if not self.worker.proxy_header_allowed(ip):
-                _log.info(
-                    "proxy protocol header from an untrusted address",
-                    extra={"ip": ip, "error": "the address is not in proxy-protocol-trusted"},
-                )
-                self.close()
-                return
-            if header.local:
-                # A balancer's own connection (HAProxy's health checks send PROXY v2 LOCAL)
-                # or one it cannot attribute (v1 UNKNOWN): nobody to serve.
-                if _log.isEnabledFor(logging.DEBUG):
-                    _log.debug("proxy protocol header without a client (LOCAL or UNKNOWN)")
-                self.close()
-                return
-            del self.buf[:consumed]
-            if header.src is not None:
-                self.client_addr = (_normalise_ip(header.src[0]), header.src[1])
-        self._admit()
-
-    # -- FakeTLS --------------------------------------------------------------------------
-
-    def _hello_data(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if len(buf) < self._hello_need:
-            return
-        try:
-            result = faketls.read_client_hello(buf)
-            if result is None:
-                if len(buf) > _MAX_HELLO_BYTES:
-                    raise faketls.TLSError("client hello is too large")
-                self._hello_need = _records_end(buf, 0)
-                return
-            hello, consumed = result
-            worker = self.worker
-            faketls.verify_client_hello(
-                hello, worker.secret, worker.clock(), worker.tolerate_time_skewness
-            )
-        except ProtocolError as exc:
+    def _refused(self, action: Close) -> None:
+        self.machine = None  # done: its buffers go with it
+        reason = action.reason
+        if reason is CloseReason.OBFS2_FAILED:
             if _log.isEnabledFor(logging.INFO):
-                _log.info("cannot read client hello", extra={"error": str(exc)})
-            self._start_fronting()
-            return
+                error = f"cannot process client handshake: {action.error}"
+                _log.info(reason.value, extra=self._fields(error=error))
+        elif reason is CloseReason.PROXY_NO_CLIENT:
+            # A balancer's own connection (HAProxy's health checks send PROXY v2 LOCAL) or
+            # one it cannot attribute (v1 UNKNOWN): nobody to serve, nothing to report.
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(reason.value)
+        elif reason is CloseReason.PROXY_UNTRUSTED:
+            _log.info(reason.value, extra={"ip": self.client_addr[0], "error": action.error})
+        else:
+            _log.info(reason.value, extra={"error": action.error})
+        self.close()
 
-        if worker.replay_filter.test_and_add(hello.session_id):
-            _log.warning("replay attack has been detected!")
-            worker.events.send(events.EventReplayAttack(self.stream_id))
-            self._start_fronting()
-            return
+    def _front(self, action: Front) -> None:
+        self.machine = None  # done: its buffers go with it
+        if action.reason is FrontReason.REPLAY:
+            _log.warning(action.reason.value)
+            self.worker.events.send(events.EventReplayAttack(self.stream_id))
+        elif _log.isEnabledFor(logging.INFO):
+            _log.info(action.reason.value, extra={"error": action.error})
+        self.buf = bytearray(action.data)
+        self._start_fronting()
 
-        try:
-            welcome = faketls.build_server_hello(
-                hello, worker.secret.key, urandom=worker.random_bytes
-            )
-            self.transport.write(welcome)  # type: ignore[union-attr]
-        except Exception as exc:  # a transport in error state
-            _log.info("cannot send welcome packet", extra={"error": str(exc)})
-            self.close()
-            return
-        rest = bytes(buf[consumed:])
-        self.buf = bytearray()
-        self.reader = faketls.RecordReader()
-        self.state = OBFS2
-        if rest:
-            self._obfs2_data(rest)
-
-    # -- obfuscated2 ----------------------------------------------------------------------
-
-    def _obfs2_data(self, data: bytes) -> None:
-        try:
-            payloads = self.reader.feed(data)  # type: ignore[union-attr]
-        except ProtocolError as exc:
-            self._obfs2_failed(f"cannot read frame: {exc}")
-            return
-        buf = self.buf
-        for payload in payloads:
-            buf += payload
-        if len(buf) < obfs2.FRAME_LEN:
-            return
-        try:
-            handshake = obfs2.parse_client_frame(
-                bytes(buf[: obfs2.FRAME_LEN]), self.worker.secret.key
-            )
-        except ProtocolError as exc:
-            self._obfs2_failed(str(exc))
-            return
-        pending = bytes(buf[obfs2.FRAME_LEN :])
-        self.buf = bytearray()
+    def _dial(self, action: Dial) -> None:
+        self.machine = None  # done: its buffers go with it
         self._cancel_timer()  # mtg clears the handshake deadline before dialling Telegram
         self.state = DIALING
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._task = asyncio.ensure_future(
-            self._guarded(self._connect_telegram(handshake, pending))
-        )
-
-    def _obfs2_failed(self, error: str) -> None:
-        if _log.isEnabledFor(logging.INFO):
-            _log.info(
-                "obfuscated handshake is failed",
-                extra=self._fields(error=f"cannot process client handshake: {error}"),
-            )
-        self.close()
+        self._task = asyncio.ensure_future(self._guarded(self._connect_telegram(action)))
 
     # -- Telegram -------------------------------------------------------------------------
 
-    async def _connect_telegram(self, handshake: obfs2.ClientHandshake, pending: bytes) -> None:
+    async def _connect_telegram(self, action: Dial) -> None:
         worker = self.worker
-        original_dc = obfs2.dc_number(handshake.dc)
-        dc = original_dc
+        handshake = action.handshake
+        original_dc = dc = action.dc
         self.dc = dc
         addresses = worker.dc_table.addresses(dc, worker.prefer_ip)
         if not addresses:
@@ -368,12 +305,11 @@ class ClientSession(asyncio.Protocol):
             return
         self._attach_upstream(upstream)
         self.upstream_ip = _normalise_ip(peer[0])
-        reader = self.reader
-        assert reader is not None
         client_side = ClientSide(
-            self, upstream, reader, handshake.decryptor.update, dc_encryptor.update
+            self, upstream, action.reader, handshake.decryptor.update, dc_encryptor.update
         )
         upstream.write(frame)
+        pending = action.pending
         if pending:
             # Bytes the client sent right behind its frame: still encrypted for the client
             # stream, so they take the normal relay path.
@@ -504,7 +440,7 @@ class ClientSession(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self._timer = None
-        if self.state in (PROXY_HEADER, HELLO, OBFS2):
+        if self.state == HANDSHAKE:
             if _log.isEnabledFor(logging.INFO):
                 _log.info(
                     "handshake timeout",
@@ -576,7 +512,7 @@ class ClientSession(asyncio.Protocol):
         worker = self.worker
         if self.front_key is not None:
             worker.fronting_closed(self.front_key)
-        worker.sessions.discard(self)
+        worker.finished(self)
         if not self.started:
             return
         worker.limiter.release()

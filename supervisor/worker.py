@@ -175,23 +175,23 @@ def _serve(spec: WorkerSpec) -> int:
 async def _boot_and_serve(
     spec: WorkerSpec, loop: asyncio.AbstractEventLoop, detach: list[Callable[[], None]]
 ) -> int:
-    from mtgworkers.server import StartupError, Worker, attach_stats
+    from mtgworkers.server import StartupError, build_worker
 
     try:
         replay_filter: ReplayFilter = (
             spec.replay.open_filter() if spec.replay is not None else NoopFilter()
         )
-        limiter = spec.scoreboard.limiter(spec.cell, spec.config.concurrency)
-        worker = Worker(
-            spec.config,
-            loop,
-            replay_filter=replay_filter,
-            limiter=limiter,
-            startup_checks=spec.startup_checks,
-        )
         # Metrics files are named after the cell: unique among live workers, and the
         # replacement of a dead worker continues its counters.
-        detach.append(attach_stats(worker, spec.cell))
+        worker, detach_stats = build_worker(
+            spec.config,
+            loop,
+            metrics_id=spec.cell,
+            replay_filter=replay_filter,
+            limiter=spec.scoreboard.limiter(spec.cell, spec.config.concurrency),
+            startup_checks=spec.startup_checks,
+        )
+        detach.append(detach_stats)
         await worker.start(sockets=[spec.sock])
     except Exception as exc:
         reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"

@@ -433,6 +433,28 @@ def build_server_hello(
 # -- data path -----------------------------------------------------------------------------
 
 
+def records_end(buf: bytes | bytearray | memoryview, start: int) -> int:
+    """The length ``buf`` must reach for the run of whole records from ``start`` to grow by
+    one record: the end of the first incomplete record (or of its header).
+
+    Lets a reader skip re-parsing an incomplete ClientHello on every small chunk.
+    """
+    pos = start
+    n = len(buf)
+    while True:
+        if n < pos + RECORD_HEADER_LEN:
+            return pos + RECORD_HEADER_LEN
+        end = pos + RECORD_HEADER_LEN + ((buf[pos + 3] << 8) | buf[pos + 4])
+        if n < end:
+            return end
+        pos = end
+
+
+def record_header(payload_len: int) -> bytes:
+    """The 5-byte header of an ApplicationData record of ``payload_len`` (<= 65535) bytes."""
+    return _HEADER.pack(TYPE_APPLICATION_DATA, _VERSION_TLS12, payload_len)
+
+
 class RecordReader:
     """Turns the client's TLS record stream into the obfuscated2 byte stream (§3.8).
 

@@ -2,7 +2,7 @@
 
 The proxy core (session, relay, server) only sends :mod:`mtgworkers.events`; it imports
 no metrics library. A worker process gets its observers from :func:`make_observers`
-(usually through :func:`mtgworkers.server.attach_stats`) and subscribes them to its
+(through :func:`mtgworkers.server.build_worker`) and subscribes them to its
 :class:`~mtgworkers.events.EventStream`:
 
 - :class:`~mtgworkers.stats.prometheus.PrometheusObserver` (``[stats.prometheus]``) writes
@@ -56,8 +56,8 @@ def make_observers(
     worker processes alive at the same time and should be reused by the process that
     replaces a dead one (under the supervisor: the worker's scoreboard cell), see
     :mod:`mtgworkers.stats.prometheus`. ``multiproc_dir`` defaults to the
-    ``PROMETHEUS_MULTIPROC_DIR`` environment variable, which the supervisor (or
-    ``serve()``) sets to the directory it created.
+    ``PROMETHEUS_MULTIPROC_DIR`` environment variable, which the supervisor sets to
+    the directory it created for its exporter.
 
     Returns an empty list when stats are off. Raises :class:`StatsError` when an enabled
     observer cannot work (no metrics directory, no statsd address, id in use), OSError
@@ -72,7 +72,7 @@ def make_observers(
             if not directory or not os.path.isdir(directory):
                 raise StatsError(
                     "[stats.prometheus] is enabled but no metrics directory was prepared: the "
-                    "supervisor (or serve()) creates it and sets " + MULTIPROC_ENV
+                    "supervisor creates it and sets " + MULTIPROC_ENV
                 )
             observers.append(PrometheusObserver(prometheus.metric_prefix, worker_slot, directory))
         if statsd.enabled:

@@ -16,7 +16,7 @@ import uvloop
 from mtgworkers import logs
 from mtgworkers.doctor import sni
 from mtgworkers.net.dns import make_resolver
-from mtgworkers.server import Worker
+from mtgworkers.server import build_worker
 from tests.doctor.conftest import HOST, KEY, World
 from tests.doctor.servers import SNTPResponder, closed_port
 
@@ -133,7 +133,7 @@ def test_worker_runs_the_check_after_listening_without_delaying_clients(
     slow = world.config({"network": {"dns": f"udp://127.0.0.1:{silent.port}"}})
     loop = uvloop.new_event_loop()
     try:
-        worker = Worker(slow, loop, startup_checks=True)
+        worker, _ = build_worker(slow, loop, metrics_id=0, startup_checks=True)
         started = time.monotonic()
         loop.run_until_complete(worker.start())
         assert time.monotonic() - started < 1.0
@@ -154,7 +154,7 @@ def test_worker_logs_the_mismatch(world: World, records: io.StringIO) -> None:
     config = world.config({"public-ipv6": "::9"})
     loop = uvloop.new_event_loop()
     try:
-        worker = Worker(config, loop, startup_checks=True)
+        worker, _ = build_worker(config, loop, metrics_id=0, startup_checks=True)
         loop.run_until_complete(worker.start())
 
         async def wait_for_line() -> None:
@@ -174,7 +174,7 @@ def test_workers_without_the_flag_do_not_check(world: World, records: io.StringI
     loop = uvloop.new_event_loop()
     queries = len(world.dns.queries)
     try:
-        worker = Worker(config, loop)
+        worker, _ = build_worker(config, loop, metrics_id=0)
         loop.run_until_complete(worker.start())
         loop.run_until_complete(asyncio.sleep(0.3))
         loop.run_until_complete(worker.stop())

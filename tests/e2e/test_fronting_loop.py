@@ -20,7 +20,7 @@ import pytest
 import uvloop
 
 from mtgworkers.config import parse
-from mtgworkers.server import Worker
+from mtgworkers.server import build_worker
 from tests.support.client import FakeTLSClient, WireError, run_concurrently
 from tests.support.env import KitSecret, ProxyPool
 from tests.support.proxy import free_port, make_config
@@ -110,15 +110,6 @@ def test_clients_sharing_a_port_with_fronting_connections_are_served(
             probe.close()
 
 
-class _HostAddressUnknown(Worker):
-    """A worker that does not know this host's addresses, as when the fronting name
-    resolves to an address added after start: only the accepted-connection check is left
-    to catch the loop."""
-
-    def _is_local(self, ip: str) -> bool:
-        return False
-
-
 def test_a_fronting_dial_back_to_the_proxy_is_closed(test_secret: KitSecret) -> None:
     port = free_port("0.0.0.0")
     config = parse(
@@ -134,7 +125,11 @@ def test_a_fronting_dial_back_to_the_proxy_is_closed(test_secret: KitSecret) -> 
     loop = uvloop.new_event_loop()
 
     async def main() -> bytes:
-        worker = _HostAddressUnknown(config, loop)
+        worker, _ = build_worker(config, loop, metrics_id=0)
+        # As when the fronting name resolves to an address added to this host after start:
+        # the worker does not know it is its own, so only the accepted-connection check is
+        # left to catch the loop.
+        worker._is_local = lambda ip: False  # type: ignore[method-assign]
         await worker.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)

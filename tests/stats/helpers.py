@@ -47,7 +47,7 @@ def listening(port: int) -> bool:
 
 
 class WorkerProcess:
-    """``python -m tests.stats.runner CONFIG SLOT`` (or ``--serve``) as a subprocess."""
+    """``python -m tests.stats.runner CONFIG SLOT`` as a subprocess."""
 
     def __init__(
         self,

@@ -1,11 +1,11 @@
 """One proxy worker with its metrics observers, for the stats tests (no supervisor).
 
-    python -m tests.stats.runner CONFIG WORKER_SLOT     # Worker + attach_stats, no exporter
-    python -m tests.stats.runner CONFIG --serve         # mtgworkers.server.serve()
+    python -m tests.stats.runner CONFIG WORKER_SLOT     # build_worker(), no exporter
 
-The first form is what a supervisor worker does: it writes into the metrics directory
-named by ``PROMETHEUS_MULTIPROC_DIR`` (the test owns the exporter), so several of them
-with different slots make a pool without a supervisor. SIGTERM stops it (exit 0).
+It boots like a supervisor worker (``mtgworkers.server.build_worker``): it writes into
+the metrics directory named by ``PROMETHEUS_MULTIPROC_DIR`` (the test owns the exporter),
+so several of them with different slots make a pool without a supervisor. SIGTERM stops
+it (exit 0).
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ def run_worker(config_path: str, slot: str) -> int:
 
     from mtgworkers import config as config_module
     from mtgworkers import logs
-    from mtgworkers.server import Worker, attach_stats
+    from mtgworkers.server import build_worker
 
     config = config_module.load(config_path)
     logs.setup(config.debug)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(config, loop)
-    detach = attach_stats(worker, slot)
+    worker, detach = build_worker(config, loop, metrics_id=slot)
     loop.run_until_complete(worker.start())
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -46,16 +45,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    config_path, mode = argv
-    if mode == "--serve":
-        from mtgworkers import config as config_module
-        from mtgworkers import logs
-        from mtgworkers.server import serve
-
-        config = config_module.load(config_path)
-        logs.setup(config.debug)
-        return serve(config)
-    return run_worker(config_path, mode)
+    return run_worker(*argv)
 
 
 if __name__ == "__main__":

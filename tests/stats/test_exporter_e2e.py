@@ -32,7 +32,6 @@ from tests.stats.helpers import (
 from tests.support.client import FakeTLSClient
 from tests.support.env import KitSecret
 from tests.support.fakedc import FakeDC
-from tests.support.proxy import free_port
 from tests.support.website import Website
 
 pytestmark = pytest.mark.e2e
@@ -340,50 +339,6 @@ def test_fronting_replay_concurrency_and_blocklist_counters(
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
     assert check.returncode == 0, check.stderr.decode() + check.stdout.decode()
-
-
-def test_serve_runs_its_own_exporter(
-    tmp_path: Path, test_secret: KitSecret, fake_dc: FakeDC, website: Website
-) -> None:
-    metrics_port = free_port()
-    config = worker_config(
-        test_secret.hex,
-        fake_dc.port,
-        website.port,
-        {"stats": {"prometheus": {"bind-to": f"127.0.0.1:{metrics_port}", "http-path": "/"}}},
-    )
-    worker = WorkerProcess(tmp_path, config, "--serve").start()
-    try:
-        worker.wait_listening()
-        with _session(worker, test_secret, 777):
-            pass
-        series = wait_until(
-            lambda: (
-                (s := scrape_series(metrics_port, "/any/path"))
-                and value(s, TRAFFIC, telegram_ip="127.0.0.1", dc="2", direction="to_client") == 777
-                and s
-            ),
-            5,
-            "serve()'s traffic",
-        )
-        assert value(series, "mtg_client_connections", ip_family="ipv4") == 0
-        exporters = [
-            p for p in _children(worker.pid) if "supervisor.exporter" in " ".join(p.cmdline())
-        ]
-        assert len(exporters) == 1
-        directory = next(a for a in exporters[0].cmdline() if "mtgworkers-metrics-" in a)
-        assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
-    finally:
-        code = worker.stop()
-    assert code == 0, worker.output()
-    assert not os.path.exists(directory), "serve() left its metrics directory behind"
-    wait_until(lambda: not exporters[0].is_running(), 5, "the exporter to stop")
-
-
-def _children(pid: int) -> list[Any]:
-    import psutil
-
-    return psutil.Process(pid).children()
 
 
 def test_a_hung_scraper_does_not_block_workers_or_other_scrapes(

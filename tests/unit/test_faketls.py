@@ -954,3 +954,27 @@ def test_fuzz_structured_extensions(names: list[bytes], suites: list[int], raw_e
     _check_hostile(signed_hello(names=names, suites=tuple(suites)))
     _check_hostile(hello_record(make_body(extensions=raw_ext)))
     _check_hostile(hello_record(make_body(extensions=sni_ext(names) + raw_ext)))
+
+
+# -- record framing helpers shared by the handshake machine and the relay -------------------
+
+
+def test_records_end_points_past_the_first_incomplete_record() -> None:
+    two = record(b"a" * 10) + record(b"b" * 3)
+    assert faketls.records_end(b"", 0) == 5
+    assert faketls.records_end(two[:4], 0) == 5
+    assert faketls.records_end(two[:5], 0) == 15
+    assert faketls.records_end(two[:15], 0) == 20  # first complete: next header
+    assert faketls.records_end(two[:19], 0) == 20  # second header incomplete
+    assert faketls.records_end(two[:21], 0) == 23
+    assert faketls.records_end(two, 0) == len(two) + 5
+    assert faketls.records_end(two, 15) == len(two) + 5
+
+
+@given(st.integers(min_value=0, max_value=0xFFFF))
+def test_record_header_frames_application_data(size: int) -> None:
+    header = faketls.record_header(size)
+    assert header == b"\x17\x03\x03" + size.to_bytes(2, "big")
+    data = bytes(size)
+    if 0 < size <= MAX_RECORD_PAYLOAD:
+        assert wrap_application_data(data) == header + data
