@@ -169,6 +169,8 @@ class ClientSession(asyncio.Protocol):
                 return
             kind = type(action)
             if kind is Reply:
+                if action.without_sni and _log.isEnabledFor(logging.DEBUG):  # type: ignore[union-attr]
+                    _log.debug("client hello without SNI", extra=self._fields())
                 try:
                     self.transport.write(action.data)  # type: ignore[union-attr]
                 except Exception as exc:  # a transport in error state

@@ -95,14 +95,15 @@ class ClientHello:
     """What the proxy needs from a parsed ClientHello.
 
     ``random`` is the client random as sent (digest XOR timestamp), ``cipher_suite`` the first
-    non-GREASE suite, ``sni`` the server names in order, ``canonical`` the hello as one record
-    ``16 03 01 ...`` (equal to the wire bytes unless the client fragmented it).
+    non-GREASE suite, ``sni`` the server names in order (``None`` when the hello has no
+    server_name extension at all, as Telegram iOS sends it), ``canonical`` the hello as one
+    record ``16 03 01 ...`` (equal to the wire bytes unless the client fragmented it).
     """
 
     random: bytes
     session_id: bytes
     cipher_suite: int
-    sni: tuple[bytes, ...]
+    sni: tuple[bytes, ...] | None
     canonical: bytes
 
 
@@ -255,7 +256,7 @@ def _parse_body(body: bytes, canonical: bytes) -> ClientHello:
     )
 
 
-def _parse_sni(cur: _Cursor) -> tuple[bytes, ...]:
+def _parse_sni(cur: _Cursor) -> tuple[bytes, ...] | None:
     ext_len = _U16.unpack(cur.read_full(2, "length of TLS extensions", _SNI))[0]
     if cur.remaining() < ext_len:
         raise TLSError(_SNI + "cannot read extensions: EOF")
@@ -279,7 +280,7 @@ def _parse_sni(cur: _Cursor) -> tuple[bytes, ...]:
             )
         if _U16.unpack(ext_type)[0] == _EXT_SERVER_NAME:
             return _parse_server_names(_Cursor(data))
-    return ()
+    return None
 
 
 def _parse_server_names(cur: _Cursor) -> tuple[bytes, ...]:
@@ -320,12 +321,16 @@ def verify_client_hello(hello: ClientHello, secret: Secret, now: float, toleranc
     """Check a parsed hello against our secret, in mtg's order: SNI, HMAC, timestamp.
 
     ``now`` is the current UNIX time and ``tolerance`` the allowed skew in seconds (inclusive,
-    both directions). Returns nothing; raises :class:`TLSError` when the secret's host is not
-    among the SNI names, :class:`BadDigest` when the random is not our HMAC, and
-    :class:`BadTimestamp` when the embedded time is too far from ``now``.
+    both directions). Returns nothing; raises :class:`TLSError` when the hello names hosts
+    and the secret's host is not among them, :class:`BadDigest` when the random is not our
+    HMAC, and :class:`BadTimestamp` when the embedded time is too far from ``now``.
+
+    A hello without a server_name extension (Telegram iOS since 12.2) is checked on its
+    HMAC and time alone: only the key makes a valid one, so a censor's no-SNI probe still
+    fails (mtg fronts every such hello, which turns those users away).
     """
     host = secret.host_bytes
-    if host not in hello.sni:
+    if hello.sni is not None and host not in hello.sni:
         names = " ".join(name.decode("utf-8", "backslashreplace") for name in hello.sni)
         shown = host.decode("utf-8", "backslashreplace")
         raise TLSError(f"cannot find {shown} in [{names}]")

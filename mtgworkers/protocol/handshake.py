@@ -94,7 +94,11 @@ class ClientKnown:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """Send ``data``, the answer to a valid hello. ``without_sni``: that hello had no
+    server_name extension (served on its HMAC alone; the caller counts these)."""
+
     data: bytes
+    without_sni: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +269,7 @@ class ServerHandshake:
         self._state = _OBFS2
         if rest:
             self.receive(rest)
-        return Reply(answer)
+        return Reply(answer, hello.sni is None)
 
     def _obfs2(self) -> Action:
         if self._failed:

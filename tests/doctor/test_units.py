@@ -109,7 +109,7 @@ def test_client_hello_is_accepted_by_our_server_side() -> None:
 def test_client_hello_without_sni() -> None:
     hello = ftc.build_client_hello(SECRET.key, None, time.time())
     parsed, _ = faketls.read_client_hello(hello.record)  # type: ignore[misc]
-    assert parsed.sni == ()
+    assert parsed.sni is None
 
 
 def test_server_hello_verification() -> None:

@@ -80,13 +80,27 @@ def test_wrong_sni_is_fronted(shared_env: SharedEnv) -> None:
     _assert_fronted(env, client, index)
 
 
-def test_hello_without_sni_is_fronted(shared_env: SharedEnv) -> None:
+def test_stranger_without_sni_is_fronted(shared_env: SharedEnv) -> None:
     env = shared_env
     index = len(env.website.connections)
-    client = env.client(sni=None)
+    client = env.client(sni=None, key=os.urandom(16))
     client.send_client_hello()
     _expect_website_server_hello(client)
     _assert_fronted(env, client, index)
+    assert env.website.connections[index].sni is None  # the site saw no SNI either
+
+
+def test_our_client_without_sni_is_served(shared_env: SharedEnv) -> None:
+    # Telegram iOS (12.2 and later) sends its FakeTLS hello with no server_name at all
+    env = shared_env
+    index = len(env.website.connections)
+    mark = env.proxy.mark()
+    with env.client(sni=None) as client:
+        client.handshake(dc=2)
+        client.send(b"no sni")
+        assert client.recv_exactly(6) == b"no sni"
+    env.proxy.wait_for_log("client hello without SNI", since=mark, level="debug")
+    assert len(env.website.connections) == index
 
 
 @pytest.mark.parametrize("offset", [-3600, -60, +60])

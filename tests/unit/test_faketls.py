@@ -507,12 +507,27 @@ def test_parse_errors(wire: bytes, message: str) -> None:
 
 
 def test_no_server_name_extension_and_empty_list() -> None:
+    # no server_name extension at all (Telegram iOS): no names, checked on the HMAC alone
     hello, _ = parse(ext_record(b"\x00\x00"))
-    assert hello.sni == ()
+    assert hello.sni is None
+    with pytest.raises(BadDigest):
+        verify_client_hello(hello, VECTOR_SECRET, 0, 0)
+    # an extension with an empty list names no host, so not ours: mtg's rule
     hello, _ = parse(ext_record(b"\x00\x06\x00\x00\x00\x02\x00\x00"))
     assert hello.sni == ()
     with pytest.raises(TLSError, match=r"^cannot find storage.googleapis.com in \[\]$"):
         verify_client_hello(hello, VECTOR_SECRET, 0, 0)
+
+
+def test_a_signed_hello_without_sni_verifies() -> None:
+    wire = sign(hello_record(make_body(names=None)), VECTOR_SECRET.key, 1_700_000_000)
+    hello, _ = parse(wire)
+    assert hello.sni is None
+    verify_client_hello(hello, VECTOR_SECRET, 1_700_000_000, 0)
+    with pytest.raises(BadTimestamp):
+        verify_client_hello(hello, VECTOR_SECRET, 1_700_000_060, 3)
+    with pytest.raises(BadDigest):
+        verify_client_hello(hello, Secret(os.urandom(16), VECTOR_SECRET.host), 1_700_000_000, 0)
 
 
 def test_grease_suites_are_skipped_and_odd_list_is_tolerated() -> None:
@@ -526,7 +541,7 @@ def test_odd_cipher_suite_length_shifts_like_mtg() -> None:
     head = bytes(34) + b"\x00" + b"\x00\x03\x13\x01" + b"\x00"
     hello, _ = parse(body_record(head + b"\x00\x00"))
     assert hello.cipher_suite == 0x1301
-    assert hello.sni == ()
+    assert hello.sni is None
 
 
 # -- verification --------------------------------------------------------------------------

@@ -332,3 +332,24 @@ def test_hostile_bytes_after_a_valid_hello(garbage: bytes, cut: int) -> None:
     actions = run(machine(), [stream[:cut], stream[cut:]])
     assert isinstance(actions[1], Reply)
     assert all(isinstance(a, ACTION_TYPES) for a in actions)
+
+
+def test_a_hello_without_sni_is_served_on_its_hmac() -> None:
+    _, rest, obfs = client_stream()
+    no_sni = build_client_hello(KEY, None, timestamp=int(NOW))
+    actions, later = feed(machine(), [no_sni, rest])
+    reply = actions[1]
+    assert isinstance(reply, Reply) and reply.without_sni
+    _check_full_handshake(actions, no_sni, obfs, later)
+    # with SNI the flag is off
+    with_sni = run(machine(), [hello()])[1]
+    assert isinstance(with_sni, Reply) and not with_sni.without_sni
+
+
+def test_a_stranger_without_sni_and_a_hello_for_another_host_are_fronted() -> None:
+    stranger = build_client_hello(os.urandom(16), None, timestamp=int(NOW))
+    front = run(machine(), [stranger])[1]
+    assert isinstance(front, Front) and "incorrect client random" in front.error
+    other = build_client_hello(KEY, "elsewhere.test", timestamp=int(NOW))
+    front = run(machine(), [other])[1]
+    assert isinstance(front, Front) and "cannot find front.test" in front.error
