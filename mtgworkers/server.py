@@ -28,6 +28,7 @@ from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.iplist import IPList
 from mtgworkers.defense.updater import IPListUpdater
+from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import make_resolver
 from mtgworkers.net.http import url_fetcher
@@ -230,6 +231,7 @@ class Worker:
         self.events = events.EventStream(on_error=self._observer_failed)
         # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
+        self.accept_guard = AcceptGuard(loop, self.events, self.sessions)
         self._accepting = 0  # accepted, connection_made not run yet
         self.own_fronting_socknames: set[tuple[Any, ...]] = set()
         fronting = config.domain_fronting
@@ -270,6 +272,7 @@ class Worker:
                 self._new_session, sock=sock, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
+        self.accept_guard.start()
         self._last_flush = self.loop.time()
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
         self._start_updaters()
@@ -330,8 +333,10 @@ class Worker:
         """``size`` bytes from the worker's CSPRNG (see ``__init__``)."""
         return self._rng.update(bytes(size))
 
-    def _new_session(self) -> ClientSession:
+    def _new_session(self) -> asyncio.Protocol:
         # Called by the loop when it accepts; connection_made follows a loop turn later.
+        if not self.accept_guard.admit():  # out of file descriptors: closed at once
+            return self.accept_guard.refusal
         self._accepting += 1
         return ClientSession(self)
 
@@ -378,6 +383,7 @@ class Worker:
             session.shutdown()
         for server in self._servers:
             await server.wait_closed()
+        self.accept_guard.close()
         # aborted transports report connection_lost on the next loop iterations: wait for
         # every session to finish (events, limiter release) before the loop goes away
         deadline = self.loop.time() + 1.0
