@@ -83,6 +83,19 @@ class EventIPListSize:
     is_blocklist: bool
 
 
+# Reasons of EventAcceptRefused: the process's open files limit, the system's.
+ACCEPT_REFUSED_REASONS = ("emfile", "enfile")
+
+
+@dataclass(frozen=True, slots=True)
+class EventAcceptRefused:
+    """A client connection was closed right after the accept: the worker was out of file
+    descriptors. ``reason`` is ``emfile`` (this process's open files limit) or ``enfile``
+    (the system's), see :data:`ACCEPT_REFUSED_REASONS`."""
+
+    reason: str
+
+
 Event = (
     EventStart
     | EventConnectedToDC
@@ -93,6 +106,7 @@ Event = (
     | EventIPBlocklisted
     | EventReplayAttack
     | EventIPListSize
+    | EventAcceptRefused
 )
 
 Observer = Callable[[Event], None]

@@ -27,6 +27,7 @@ from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.iplist import IPList
 from mtgworkers.defense.updater import IPListUpdater
+from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import Resolver, make_resolver
 from mtgworkers.net.http import url_fetcher
@@ -239,6 +240,7 @@ class Worker:
         self.events = events
         # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
+        self.accept_guard = AcceptGuard(loop, self.events, self.sessions)
         self._accepting = 0  # accepted, connection_made not run yet
         self._idle: asyncio.Future[None] | None = None  # resolved when the last session ends
         self._count_accepting = True  # does _idle also wait for connections being accepted
@@ -282,6 +284,7 @@ class Worker:
                 self._new_session, sock=sock, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
+        self.accept_guard.start()
         self._last_flush = self.loop.time()
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
         self._start_updaters()
@@ -342,8 +345,10 @@ class Worker:
         """``size`` bytes from the worker's CSPRNG (see ``__init__``)."""
         return self._rng.update(bytes(size))
 
-    def _new_session(self) -> ClientSession:
+    def _new_session(self) -> asyncio.Protocol:
         # Called by the loop when it accepts; connection_made follows a loop turn later.
+        if not self.accept_guard.admit():  # out of file descriptors: closed at once
+            return self.accept_guard.refusal
         self._accepting += 1
         return ClientSession(self)
 
@@ -410,6 +415,7 @@ class Worker:
             session.shutdown()
         for server in self._servers:
             await server.wait_closed()
+        self.accept_guard.close()
         # aborted transports report connection_lost on the next loop iterations: wait for
         # every session to finish (events, limiter release) before the loop goes away
         await self._sessions_ended(1.0, accepting=False)

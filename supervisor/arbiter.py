@@ -439,7 +439,7 @@ class Arbiter:
             except config_module.ConfigError as exc:
                 self._reload_refused(str(exc))
                 return
-        refusal = _unreloadable(old, new)
+        refusal = _unreloadable(old, new) or self._claim_pid_file(new)
         if refusal is not None:
             self._reload_refused(refusal)
             return
@@ -525,7 +525,7 @@ class Arbiter:
         for worker in list(self.workers.values()):
             if worker.generation < self.generation and worker.state != RETIRING:
                 self.retire(worker, timeout)
-        self._set_pid_file(self.config.supervisor.pid_file)
+        self._switch_pid_file(self.config.supervisor.pid_file)
         if self.exporter is not None:
             self.exporter.reload_finished(True)
         self.notifier.ready(self.status_text())
@@ -562,6 +562,7 @@ class Arbiter:
     def _reload_failed(self, reason: str, new: Config) -> None:
         if new.debug != self.config.debug:
             logs.setup(self.config.debug)
+        self._release_pid_file(new)
         self._reload_refused(reason)
         self.notifier.ready(self.status_text())
 
@@ -573,6 +574,7 @@ class Arbiter:
                 sock.close()
             if pending.replay is not None and pending.replay is not self.replay:
                 pending.replay.close()
+            self._release_pid_file(pending.config)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -982,16 +984,38 @@ class Arbiter:
     # -- files -----------------------------------------------------------------------------
 
     def _set_pid_file(self, path: str | None) -> None:
-        if path == self.pid_file:
-            return
+        """At start: write the pid file; a failure stops the proxy."""
         if path is not None:
             try:
                 write_pid_file(path, self.pid)
             except PidFileError as exc:
-                if self.state == STARTING:
-                    raise SupervisorError(str(exc)) from None
-                _log.error("cannot write the pid file", extra={"error": str(exc)})
-                return
+                raise SupervisorError(str(exc)) from None
+        self.pid_file = path
+
+    def _claim_pid_file(self, new: Config) -> str | None:
+        """On reload, before anything else changes: write ``new``'s pid file when it is
+        another one. Returns why it cannot be written (the reload is then refused, as
+        the same value is fatal at start), or None. Until the reload completes both
+        files exist; a failed reload removes the new one (:meth:`_release_pid_file`)."""
+        path = new.supervisor.pid_file
+        if path is None or path == self.pid_file:
+            return None
+        try:
+            write_pid_file(path, self.pid)
+        except PidFileError as exc:
+            return f"supervisor.pid-file: {exc}"
+        return None
+
+    def _release_pid_file(self, new: Config) -> None:
+        """A reload to ``new`` failed or was dropped: remove the pid file it claimed."""
+        path = new.supervisor.pid_file
+        if path is not None and path != self.pid_file:
+            remove_pid_file(path, self.pid)
+
+    def _switch_pid_file(self, path: str | None) -> None:
+        """A reload completed: ``path`` (claimed already) replaces the running pid file."""
+        if path == self.pid_file:
+            return
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self.pid)
         self.pid_file = path

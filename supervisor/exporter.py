@@ -35,6 +35,9 @@ OpenMetrics (Prometheus does by default) gets exactly what mtg serves then: coun
 families whose samples end in ``_total``. Labels are printed sorted by name and numbers
 the way Go prints them (``200``, ``1.5e+06``), families sorted by name, like mtg.
 
+Worker metrics of ours (same prefix; not in mtg, so no bare-name copy):
+``accept_refused_total{reason}`` (:data:`~mtgworkers.stats.prometheus.OUR_METRICS`).
+
 Pool metrics (same prefix; not in mtg): ``workers{state}``, ``worker_sessions``,
 ``worker_resident_memory_bytes``, ``worker_cpu_seconds_total``, ``worker_open_fds`` (per
 worker, labels ``slot`` and ``pid``), ``worker_restarts_total{reason}``,
@@ -79,9 +82,12 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from mtgworkers.config import HostPort
+from mtgworkers.events import ACCEPT_REFUSED_REASONS
 from mtgworkers.stats.prometheus import (
+    ACCEPT_REFUSED,
     MTG_METRICS,
     MULTIPROC_ENV,
+    OUR_METRICS,
     create_multiproc_dir,
     reap_dead_workers,
     remove_multiproc_dir,
@@ -602,6 +608,13 @@ class Scraper:
             if not samples and not spec.labels and spec.kind == "counter":
                 samples = [((), 0.0)]  # mtg's plain counters exist from the start
             families.append(Family(name, spec.kind, spec.help, samples, mtg=spec.kind == "counter"))
+        for spec in OUR_METRICS:
+            name = f"{prefix}_{spec.name}"
+            series = dict(data.get(name + "_total" if spec.kind == "counter" else name, {}))
+            if spec is ACCEPT_REFUSED:  # every reason from the start, 0 until the first
+                for reason in ACCEPT_REFUSED_REASONS:
+                    series.setdefault((("reason", reason),), 0.0)
+            families.append(Family(name, spec.kind, spec.help, list(series.items())))
         if self.pool_stats_source is not None:
             try:
                 snapshot = self.pool_stats_source()

@@ -14,15 +14,35 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_right
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TypeAlias
 
-__all__ = ["IPList", "Network", "parse_netset"]
+__all__ = ["BadLines", "IPList", "Network", "parse_netset"]
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _V4_MAPPED_FIRST = int(_V4_MAPPED.network_address)
+
+# How much of the first bad line BadLines keeps (a binary file can be one huge "line").
+_SHOWN_CHARS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class BadLines:
+    """The unparsable lines of one netset: how many, and the first one.
+
+    ``first_line`` is 1-based; ``first_text`` is that line without its comment and
+    surrounding blanks, cut to 60 characters (then ending in ``…``).
+    """
+
+    count: int
+    first_line: int
+    first_text: str
+
+    def __str__(self) -> str:
+        return f"line {self.first_line}: cannot parse {self.first_text!r} as an IP address or CIDR"
 
 
 def _parse_entry(text: str) -> Network:
@@ -38,14 +58,16 @@ def _parse_entry(text: str) -> Network:
     return ipaddress.ip_network(ipaddress.ip_address(address))
 
 
-def parse_netset(text: str) -> tuple[list[Network], str | None]:
+def parse_netset(text: str) -> tuple[list[Network], BadLines | None]:
     """Parse a FireHOL netset: one CIDR or single IP per line, ``#`` comments, blank lines.
 
-    Returns ``(networks, error)``. ``error`` is None when every line parsed; otherwise it names
-    the first unparsable line (1-based) and ``networks`` holds the entries before that line,
-    the rest of the text being ignored (mtg's behaviour). Never raises.
+    Returns ``(networks, bad)``: every entry that parsed, and None or the count and the
+    first of the lines that did not, which are skipped (mtg stops at the first one and
+    drops the rest of the list). Never raises.
     """
     networks: list[Network] = []
+    bad_count = 0
+    first_bad: tuple[int, str] | None = None
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.partition("#")[0].strip()
         if not line:
@@ -53,8 +75,13 @@ def parse_netset(text: str) -> tuple[list[Network], str | None]:
         try:
             networks.append(_parse_entry(line))
         except ValueError:
-            return networks, f"line {number}: cannot parse {line!r} as an IP address or CIDR"
-    return networks, None
+            bad_count += 1
+            if first_bad is None:
+                shown = line if len(line) <= _SHOWN_CHARS else line[:_SHOWN_CHARS] + "…"
+                first_bad = (number, shown)
+    if first_bad is None:
+        return networks, None
+    return networks, BadLines(bad_count, *first_bad)
 
 
 def _to_range(network: Network) -> tuple[int, int, int]:

@@ -8,13 +8,15 @@ through the ``fetch_url`` callable the caller gives (normally
 parsed, everything is merged into one :class:`~mtgworkers.defense.iplist.IPList`, and
 ``on_update`` receives it.
 
-A source that fails contributes what was parsed before the failure (nothing for a
-failed download) and is logged as ``update has failed``; the round still completes, as in
-mtg. Parsing and building run in a worker thread so that a large list does not stall the
-event loop that relays traffic.
+A source that cannot be read contributes nothing and is logged as ``update has failed``;
+the round still completes, as in mtg. Unparsable lines of a source are skipped (mtg drops
+everything from the first one on) and logged once per source and round, as ``ip list has
+bad lines; they were skipped`` with their count and the first of them. Parsing and
+building run in a worker thread so that a large list does not stall the event loop that
+relays traffic.
 
 Log messages and logger names are mtg's (mtg-compat.md (d.4)), including the misspelt
-``ipblockist``.
+``ipblockist``; the bad-lines warning is ours.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from mtgworkers.defense.iplist import IPList, Network, parse_netset
+from mtgworkers.defense.iplist import BadLines, IPList, Network, parse_netset
 from mtgworkers.logs import error_text, get_logger
 from mtgworkers.net.http import redact_url
 
@@ -54,7 +56,7 @@ def _read_file(path: str) -> bytes:
         raise OSError(f"cannot read {path}: {reason[:1].lower()}{reason[1:]}") from None
 
 
-def _parse(data: bytes) -> tuple[list[Network], str | None]:
+def _parse(data: bytes) -> tuple[list[Network], BadLines | None]:
     # Undecodable bytes become U+FFFD: in a comment they do no harm, in an entry the line
     # fails to parse, which is what Go's byte-wise parser does with them too.
     return parse_netset(data.decode("utf-8", errors="replace"))
@@ -125,14 +127,22 @@ class IPListUpdater:
                 data = await self._fetch_url(source)
             else:
                 data = await asyncio.to_thread(_read_file, source)
-            networks, error = await asyncio.to_thread(_parse, data)
+            networks, bad = await asyncio.to_thread(_parse, data)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of one source must not spoil the round
             self._failed(source, error_text(exc))
             return []
-        if error is not None:
-            self._failed(source, error)
+        if bad is not None:
+            self._log.warning(
+                "ip list has bad lines; they were skipped",
+                extra={
+                    "filename_": redact_url(source),
+                    "bad_lines": bad.count,
+                    "first_bad_line": bad.first_line,
+                    "error": str(bad),
+                },
+            )
         return networks
 
     def _failed(self, source: str, error: str) -> None:

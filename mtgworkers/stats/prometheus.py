@@ -67,6 +67,7 @@ from mtgworkers.proc import pid_alive
 __all__ = [
     "MTG_METRICS",
     "MULTIPROC_ENV",
+    "OUR_METRICS",
     "MetricSpec",
     "PrometheusObserver",
     "StatsError",
@@ -97,7 +98,7 @@ class StatsError(Exception):
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One of mtg's metrics: name without prefix, type, label names in mtg's order."""
+    """A worker metric: name without prefix, type, label names (mtg's order for mtg's)."""
 
     name: str
     kind: str  # "counter" or "gauge"
@@ -176,6 +177,17 @@ MTG_METRICS: Final = (
     IP_BLOCKLISTED,
     REPLAY_ATTACKS,
 )
+
+ACCEPT_REFUSED = MetricSpec(
+    "accept_refused",
+    "counter",
+    ("reason",),
+    "Client connections closed right after the accept because the worker was out of file "
+    "descriptors, by reason (emfile: the process's open files limit, enfile: the system's).",
+)
+
+# Metrics of ours, not mtg's: served under their Prometheus names only.
+OUR_METRICS: Final = (ACCEPT_REFUSED,)
 
 TO_CLIENT = "to_client"  # bytes read from Telegram / the fronting host
 FROM_CLIENT = "from_client"  # bytes written to them
@@ -376,6 +388,7 @@ class PrometheusObserver:
         self._telegram: dict[tuple[str, int], _TelegramValues] = {}
         self._ip_blocklisted: dict[bool, Value] = {}
         self._iplist_size: dict[bool, Value] = {}
+        self._accept_refused: dict[str, Value] = {}
         try:
             # mtg's unlabelled counters exist from the start (0 until the first event).
             self._domain_fronting = self._value(DOMAIN_FRONTING)
@@ -396,6 +409,7 @@ class PrometheusObserver:
             events.EventIPBlocklisted: self._on_ip_blocklisted,
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
+            events.EventAcceptRefused: self._on_accept_refused,
         }
 
     def _value(self, spec: MetricSpec, *label_values: str) -> Value:
@@ -561,6 +575,12 @@ class PrometheusObserver:
             self._iplist_size[event.is_blocklist] = value
         # livemostrecent: every worker loads the same list; the newest value wins.
         value.set(float(event.size), timestamp=time.time())
+
+    def _on_accept_refused(self, event: events.EventAcceptRefused) -> None:
+        value = self._accept_refused.get(event.reason)
+        if value is None:
+            value = self._accept_refused[event.reason] = self._value(ACCEPT_REFUSED, event.reason)
+        self._add(value, 1)
 
 
 def _ip_list(is_blocklist: bool) -> str:

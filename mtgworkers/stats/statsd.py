@@ -9,11 +9,12 @@ Line shapes (mtg-compat.md c.3; the prefix is prepended verbatim, so the default
     graphite  mtg.telegram_traffic;telegram_ip=10.1.0.10;dc=2;direction=to_client:30|c
 
 Connection gauges are sent as deltas (``+1|g`` / ``-1|g``), ``iplist_size`` as an
-absolute gauge, everything else as counters (traffic with the byte count). Every line ends
-with ``\\n``; lines are packed into datagrams of at most 1432 bytes, and a partly filled
-datagram is sent at the latest 100 ms after its first line (a timer on the worker's
-loop). Each worker sends its own lines: statsd sums deltas and counters from all of them.
-Datagrams the kernel refuses (statsd down: ECONNREFUSED, full buffers) are counted and
+absolute gauge, everything else as counters (traffic with the byte count); besides mtg's
+metrics, ``accept_refused`` (tagged ``reason``, see :mod:`mtgworkers.fdguard`) is ours.
+Every line ends with ``\\n``; lines are packed into datagrams of at most 1432 bytes, and a
+partly filled datagram is sent at the latest 100 ms after its first line (a timer on the
+worker's loop). Each worker sends its own lines: statsd sums deltas and counters from all
+of them. Datagrams the kernel refuses (statsd down: ECONNREFUSED, full buffers) are counted and
 reported at debug level once a minute, like mtg's statsd client.
 """
 
@@ -132,6 +133,7 @@ class StatsdObserver:
             events.EventIPBlocklisted: self._on_ip_blocklisted,
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
+            events.EventAcceptRefused: self._on_accept_refused,
         }
 
     # -- Observer -------------------------------------------------------------------------
@@ -265,3 +267,7 @@ class StatsdObserver:
     def _on_iplist_size(self, event: events.EventIPListSize) -> None:
         ip_list = "blocklist" if event.is_blocklist else "allowlist"
         self._emit("iplist_size", str(event.size), "g", self._tags(("ip_list", ip_list)))
+
+    def _on_accept_refused(self, event: events.EventAcceptRefused) -> None:
+        # ours, not mtg's
+        self._emit("accept_refused", "1", "c", self._tags(("reason", event.reason)))

@@ -72,17 +72,26 @@ def test_allowlist_admits_only_listed_networks(
     assert client.recv_exactly(7) == b"allowed"
 
 
-def test_a_bad_line_keeps_the_entries_before_it(proxy_factory: ProxyPool, tmp_path: Path) -> None:
+def test_a_bad_line_is_skipped_and_the_entries_after_it_apply(
+    proxy_factory: ProxyPool, tmp_path: Path
+) -> None:
     netset = tmp_path / "block.netset"
-    netset.write_text("127.0.0.1\nnot-an-address\n10.0.0.0/8\n")
+    netset.write_text("10.0.0.0/8\nnot-an-address\n192.0.2.0/24\nbad/too\n127.0.0.1\n")
     proxy = proxy_factory(
         {
             "supervisor": {"workers": WORKERS},
             "defense": {"blocklist": {"enabled": True, "urls": [str(netset)]}},
         }
     )
-    failed = proxy.wait_for_log("update has failed")
-    assert failed["filename"] == str(netset)
-    proxy.wait_for_log("ip list was updated", count=WORKERS)
-    _closed_without_reply(proxy.host, proxy.port)
+    proxy.wait_for_log("ip list was updated", logger="blocklist.ipblockist.firehol", count=WORKERS)
+    # one line per worker and load, not one per bad line
+    lines = proxy.logs_matching("ip list has bad lines; they were skipped")
+    assert len(lines) == WORKERS
+    skipped = lines[0]
+    assert skipped["filename"] == str(netset)
+    assert skipped["bad_lines"] == 2
+    assert skipped["first_bad_line"] == 2
+    assert "not-an-address" in skipped["error"]
+    assert skipped["level"] == "warn"
+    assert _closed_without_reply(proxy.host, proxy.port) < 2.0  # listed after the bad lines
     proxy.wait_for_log("ip was blacklisted", ip="127.0.0.1")

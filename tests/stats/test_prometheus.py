@@ -106,6 +106,26 @@ def test_events_become_mtgs_exposition(metrics_dir: str) -> None:
     assert names == sorted(names)  # families sorted by name, like client_golang
 
 
+def test_accept_refusals_are_our_counter_with_every_reason(metrics_dir: str) -> None:
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    assert 'mtg_accept_refused_total{reason="emfile"} 0' in text.splitlines()
+    observer = PrometheusObserver("mtg", 0, metrics_dir)
+    observer(ev.EventAcceptRefused("emfile"))
+    observer(ev.EventAcceptRefused("emfile"))
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    observer.close()
+    lines = text.splitlines()
+    for line in (
+        "# TYPE mtg_accept_refused_total counter",
+        'mtg_accept_refused_total{reason="emfile"} 2',
+        'mtg_accept_refused_total{reason="enfile"} 0',
+    ):
+        assert line in lines, f"missing {line!r} in\n{text}"
+    # ours, not mtg's: no bare-name copy
+    assert not [line for line in lines if line.startswith("mtg_accept_refused{")]
+    assert "# TYPE mtg_accept_refused untyped" not in lines
+
+
 def test_finish_undoes_exactly_what_the_stream_counted(metrics_dir: str) -> None:
     observer = PrometheusObserver("mtg", 0, metrics_dir)
     observer(ev.EventStart("a", "10.0.0.7"))

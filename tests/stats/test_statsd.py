@@ -185,6 +185,18 @@ def test_events_become_mtgs_lines(listener: Listener, tag_format: str) -> None:
     assert all(d.endswith(b"\n") for d in listener.datagrams)
 
 
+def test_accept_refusals_are_a_counter_tagged_with_the_reason(listener: Listener) -> None:
+    observer = StatsdObserver("127.0.0.1", listener.port, "mtg.", "influxdb")
+    observer(ev.EventAcceptRefused("emfile"))
+    observer(ev.EventAcceptRefused("enfile"))
+    observer.close()
+    listener.drain()
+    assert listener.lines() == [
+        "mtg.accept_refused,reason=emfile:1|c",
+        "mtg.accept_refused,reason=enfile:1|c",
+    ]
+
+
 def test_configured_prefix_is_prepended_verbatim(listener: Listener) -> None:
     # mtg quirk: metric-prefix = "mtg" gives "mtgclient_connections".
     observer = StatsdObserver("127.0.0.1", listener.port, "mtg", "datadog")

@@ -227,3 +227,57 @@ def test_systemd_notifications(
         proxy.stop()
         stopping = receive("STOPPING=1")
         assert "STOPPING=1" in stopping
+
+
+def test_reload_with_an_unwritable_pid_file_is_refused(
+    proxy_factory: ProxyPool, test_secret: KitSecret, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "run" / "mtgworkers.pid"
+    pid_file.parent.mkdir()
+    proxy = start_proxy(
+        proxy_factory, workers=2, overrides={"supervisor": {"pid-file": str(pid_file)}}
+    )
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    pids = worker_pids(proxy)
+    client = open_client(proxy, test_secret.key, test_secret.host)
+
+    # a directory that does not exist: fatal at start, so a reload refuses it
+    missing = tmp_path / "missing" / "mtgworkers.pid"
+    _rewrite_config(proxy, {"supervisor": {"pid-file": str(missing)}})
+    mark = proxy.mark()
+    signal_proxy(proxy, signal.SIGHUP)
+    error = proxy.wait_for_log("cannot reload configuration; keeping the running one", since=mark)
+    assert error["level"] == "error"
+    assert error["error"] == (
+        f"supervisor.pid-file: cannot write pid-file {missing}: No such file or directory"
+    )
+    assert not proxy.logs_matching("reloading configuration", since=mark)
+    assert not proxy.logs_matching("worker started", since=mark)
+    assert worker_pids(proxy) == pids
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    client.send(b"still served")
+    assert client.recv_exactly(12) == b"still served"
+    client.close()
+
+    # a writable pid file whose generation cannot boot: the new file is taken back
+    moved = tmp_path / "elsewhere" / "mtgworkers.pid"
+    moved.parent.mkdir()
+    _rewrite_config(
+        proxy, {"supervisor": {"pid-file": str(moved)}, "domain-fronting": {"port": proxy.port}}
+    )
+    mark = proxy.mark()
+    signal_proxy(proxy, signal.SIGHUP)
+    error = proxy.wait_for_log("cannot reload configuration; keeping the running one", since=mark)
+    assert "would loop" in error["error"]
+    assert not moved.exists()
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    wait_until(lambda: worker_pids(proxy) == pids, 5, "the failed generation to go away")
+
+    # a good reload moves the pid file
+    _rewrite_config(proxy, {"domain-fronting": {"port": proxy_factory.fronting_port}})
+    _reload(proxy)
+    assert moved.read_text() == f"{proxy.pid}\n"
+    assert not pid_file.exists()
+    open_client(proxy, test_secret.key, test_secret.host).close()
+    proxy.stop()
+    assert not moved.exists()

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -139,6 +140,13 @@ def _listening(port: int) -> bool:
     return False
 
 
+def _nofile_limiter(limit: int) -> Callable[[], None]:
+    def limit_nofile() -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return limit_nofile
+
+
 class ProxyProcess:
     """One proxy subprocess with its config, log lines and resource probes."""
 
@@ -165,10 +173,11 @@ class ProxyProcess:
         return self.proc.pid
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self, timeout: float = 15.0) -> ProxyProcess:
+    def start(self, timeout: float = 15.0, *, nofile: int | None = None) -> ProxyProcess:
         """Write the config, start the proxy and wait (bounded) until it listens.
 
-        Raises RuntimeError with the proxy's output if it exits or does not listen.
+        ``nofile`` sets the proxy's RLIMIT_NOFILE, soft and hard (so that it cannot raise
+        it). Raises RuntimeError with the proxy's output if it exits or does not listen.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
@@ -184,6 +193,7 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=None if nofile is None else _nofile_limiter(nofile),
         )
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True, name="proxy-stdout"),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtgworkers.defense.iplist import IPList, Network, parse_netset
+from mtgworkers.defense.iplist import BadLines, IPList, Network, parse_netset
 
 FIREHOL_SAMPLE = """\
 #
@@ -60,13 +60,22 @@ def test_parse_crlf_and_host_bits() -> None:
     assert networks == [_net("10.0.0.0/8"), _net("192.168.1.1/32")]
 
 
-def test_first_bad_line_stops_with_line_number() -> None:
-    text = "1.2.3.0/24\n# comment\n\n5.6.7.8\nnot-an-ip\n9.9.9.9\n"
-    networks, error = parse_netset(text)
-    assert networks == [_net("1.2.3.0/24"), _net("5.6.7.8/32")]
-    assert error is not None
-    assert "line 5" in error
-    assert "not-an-ip" in error
+def test_bad_lines_are_skipped_counted_and_the_first_named() -> None:
+    text = "1.2.3.0/24\n# comment\n\n5.6.7.8\nnot-an-ip\n9.9.9.9\n1.2.3.4/33 # too long\n::1\n"
+    networks, bad = parse_netset(text)
+    assert networks == [_net("1.2.3.0/24"), _net("5.6.7.8/32"), _net("9.9.9.9/32"), _net("::1")]
+    assert bad == BadLines(count=2, first_line=5, first_text="not-an-ip")
+    assert str(bad) == "line 5: cannot parse 'not-an-ip' as an IP address or CIDR"
+
+
+def test_the_first_bad_line_is_truncated() -> None:
+    junk = "x" * 10_000  # e.g. a binary file that is one long line
+    networks, bad = parse_netset(f"10.0.0.0/8\n{junk}\n{junk}\n192.0.2.1\n")
+    assert networks == [_net("10.0.0.0/8"), _net("192.0.2.1")]
+    assert bad is not None
+    assert (bad.count, bad.first_line) == (2, 2)
+    assert bad.first_text == "x" * 60 + "…"
+    assert len(str(bad)) < 120
 
 
 @pytest.mark.parametrize(
@@ -90,17 +99,21 @@ def test_first_bad_line_stops_with_line_number() -> None:
     ],
 )
 def test_bad_lines(line: str) -> None:
-    networks, error = parse_netset(f"8.8.8.8\n{line}\n9.9.9.9")
-    assert networks == [_net("8.8.8.8/32")]
-    assert error is not None
-    assert "line 2" in error
+    networks, bad = parse_netset(f"8.8.8.8\n{line}\n9.9.9.9")
+    assert networks == [_net("8.8.8.8/32"), _net("9.9.9.9/32")]
+    assert bad == BadLines(count=1, first_line=2, first_text=line)
 
 
 @given(st.text(max_size=300))
 def test_parse_never_raises(text: str) -> None:
-    networks, error = parse_netset(text)
+    networks, bad = parse_netset(text)
     assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)) for n in networks)
-    assert error is None or error.startswith("line ")
+    entries = [line for line in text.split("\n") if line.partition("#")[0].strip()]
+    if bad is None:
+        assert len(networks) == len(entries)
+    else:
+        assert len(networks) + bad.count == len(entries)
+        assert str(bad).startswith(f"line {bad.first_line}: ")
 
 
 # --- IPList -----------------------------------------------------------------------------------

@@ -167,12 +167,14 @@ def test_unreachable_url_and_missing_file(tmp_path: Path, caplog: pytest.LogCapt
     assert by_name[str(missing)] == f"cannot read {missing}: no such file or directory"
 
 
-def test_bad_line_keeps_the_entries_before_it(
+def test_bad_lines_are_skipped_with_one_warning_per_source(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     broken = tmp_path / "broken.netset"
-    broken.write_bytes(b"10.0.0.0/8\n# fine\n172.16.0.1\nnot-an-ip\n192.168.0.0/16\n")
+    broken.write_bytes(
+        b"10.0.0.0/8\n# fine\n172.16.0.1\nnot-an-ip\n192.168.0.0/16\nbad too\n198.51.100.1\n"
+    )
     other = tmp_path / "other.netset"
     other.write_bytes(b"\xff\xfe comment-less junk\n")
 
@@ -187,16 +189,26 @@ def test_bad_line_keeps_the_entries_before_it(
             return await updater.update_once()
 
     iplist = run(main())
-    assert len(iplist) == 3
-    assert "10.9.9.9" in iplist and "172.16.0.1" in iplist and "2001:db8::1" in iplist
-    assert "192.168.1.1" not in iplist and "2001:db8::2" not in iplist
-    errors = {
-        r.filename_.rsplit("/", 1)[-1]: r.error  # type: ignore[attr-defined]
-        for r in warnings_of(caplog, BLOCK_LOGGER)
-    }
-    assert errors["broken.netset"] == "line 4: cannot parse 'not-an-ip' as an IP address or CIDR"
-    assert errors["l"] == "line 2: cannot parse 'bad/x' as an IP address or CIDR"
-    assert errors["other.netset"].startswith("line 1: cannot parse")
+    assert len(iplist) == 6
+    listed = ("10.9.9.9", "172.16.0.1", "192.168.1.1", "198.51.100.1", "2001:db8::1", "2001:db8::2")
+    assert all(ip in iplist for ip in listed)
+    assert warnings_of(caplog, BLOCK_LOGGER) == []  # the round did not fail
+    skipped = [
+        r
+        for r in caplog.records
+        if r.name == BLOCK_LOGGER and r.getMessage() == "ip list has bad lines; they were skipped"
+    ]
+    assert all(r.levelno == logging.WARNING for r in skipped)
+    by_source = {r.filename_.rsplit("/", 1)[-1]: r.__dict__ for r in skipped}  # type: ignore[attr-defined]
+    assert len(skipped) == len(by_source) == 3  # once per source, not once per line
+    assert by_source["broken.netset"]["bad_lines"] == 2
+    assert by_source["broken.netset"]["first_bad_line"] == 4
+    assert by_source["broken.netset"]["error"] == (
+        "line 4: cannot parse 'not-an-ip' as an IP address or CIDR"
+    )
+    assert by_source["l"]["bad_lines"] == 1
+    assert by_source["l"]["error"] == "line 2: cannot parse 'bad/x' as an IP address or CIDR"
+    assert by_source["other.netset"]["error"].startswith("line 1: cannot parse")
 
 
 def test_sources_are_read_in_parallel() -> None:
