@@ -9,8 +9,12 @@ survives exporter restarts), and runs the exporter as a fresh interpreter
 holds none of the supervisor's memory (no secret), sockets or signal handlers.
 
 Restart policy: the owner calls :meth:`Exporter.poll` from its loop; a dead exporter is
-logged (``metrics exporter exited; restarting it``) and started again after a back-off
-of 1 s, doubling up to 30 s, reset once an exporter has lived for a minute.
+logged with how it ended (``metrics exporter exited; restarting it``, ``status`` such
+as ``signal SIGKILL`` or ``exit status 1``) and started again after a back-off of 1 s,
+doubling up to 30 s, reset once an exporter has lived for a minute. An owner that reaps
+its children itself (the supervisor's ``waitpid(-1)``) must hand the exporter's wait
+status over (:meth:`Exporter.owns`, :meth:`Exporter.reaped`): the handle cannot learn
+it any more once the process was reaped.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from mtgworkers.config import Prometheus
     from supervisor.shm import Scoreboard
 
-__all__ = ["DEFAULT_BIND", "Exporter", "main"]
+__all__ = ["DEFAULT_BIND", "Exporter", "describe_exit", "main"]
 
 _log = logging.getLogger("mtgworkers.exporter")
 
@@ -54,6 +58,18 @@ MAX_BACKOFF: Final = 30.0
 HEALTHY_AFTER: Final = 60.0
 
 
+def describe_exit(code: int) -> str:
+    """``exit status 1`` or ``signal SIGKILL`` for a return code (negative: killed by
+    that signal), the way the supervisor describes its workers' ends."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"signal {name}"
+
+
 class Exporter:
     """The exporter process as the supervisor (or ``serve()``) sees it.
 
@@ -64,6 +80,8 @@ class Exporter:
         exporter.start()
         ...  # in the loop, about once a second:
         exporter.poll()
+        ...  # when the owner's waitpid(-1) collected a child that is not a worker:
+        if exporter.owns(pid): exporter.reaped(status)
         ...  # on events:
         exporter.worker_restarted(restart_reason(code)); exporter.reload_finished(True)
         exporter.close()  # at exit: stops the process, removes the directory
@@ -154,13 +172,14 @@ class Exporter:
         _log.debug("metrics exporter started", extra={"pid": self._proc.pid})
 
     def poll(self, now: float | None = None) -> None:
-        """Restart the exporter when it died (back-off 1 s doubling to 30 s)."""
+        """Restart the exporter when it died (back-off 1 s doubling to 30 s), logging how
+        it ended."""
         if self._closed:
             return
         now = time.monotonic() if now is None else now
         proc = self._proc
         if proc is not None:
-            code = proc.poll()  # 0 when the supervisor's waitpid(-1) reaped it first
+            code = proc.poll()  # waits for it, or what reaped() recorded
             if code is None:
                 if self._failures and now - self._spawned_at >= HEALTHY_AFTER:
                     self._failures = 0
@@ -171,7 +190,7 @@ class Exporter:
             self._restart_at = now + delay
             _log.warning(
                 "metrics exporter exited; restarting it",
-                extra={"pid": proc.pid, "status": code, "restart_in": delay},
+                extra={"pid": proc.pid, "status": describe_exit(code), "restart_in": delay},
             )
         if now >= self._restart_at:
             try:
@@ -183,6 +202,18 @@ class Exporter:
     def owns(self, pid: int) -> bool:
         """True when ``pid`` is the exporter process (for a supervisor reaping children)."""
         return self._proc is not None and self._proc.pid == pid
+
+    def reaped(self, status: int) -> None:
+        """The owner's ``waitpid()`` collected the exporter process (:meth:`owns` its PID)
+        with wait status ``status``.
+
+        The exit is recorded, so that the next :meth:`poll` logs how it ended and
+        restarts it with the back-off, and nothing waits for or signals that PID again:
+        once reaped, it may belong to a new process (a worker forked a moment later).
+        """
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.returncode = os.waitstatus_to_exitcode(status)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the exporter process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
