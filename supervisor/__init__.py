@@ -11,7 +11,9 @@ call. Layout of the package:
 - ``notify.py``    systemd readiness notifications;
 - ``procstats.py`` psutil samples of the workers;
 - ``pidfile.py``   the optional pid file;
-- ``exporter.py``  the metrics exporter process ([stats.prometheus]).
+- ``exporter/``    the metrics exporter process ([stats.prometheus]): pool counters,
+                   the multiprocess-file reader, exposition, HTTP server, and the
+                   handle that starts and restarts it.
 """
 
 from __future__ import annotations

@@ -794,7 +794,11 @@ class Arbiter:
                 self.retire(old, self.config.supervisor.graceful_timeout)
 
     def reap_workers(self) -> None:
-        """Collect exited workers (waitpid WNOHANG) and decide what each death means."""
+        """Collect exited workers (waitpid WNOHANG) and decide what each death means.
+
+        Every child is reaped here, the metrics exporter too: its wait status goes to its
+        handle, which logs how it ended and restarts it (``Exporter.poll``).
+        """
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -807,6 +811,8 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.worker_exited(worker, status)
+            elif self.exporter is not None and self.exporter.owns(pid):
+                self.exporter.reaped(status)
 
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         assert self.scoreboard is not None

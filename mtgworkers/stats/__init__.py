@@ -7,7 +7,7 @@ no metrics library. A worker process gets its observers from :func:`make_observe
 
 - :class:`~mtgworkers.stats.prometheus.PrometheusObserver` (``[stats.prometheus]``) writes
   prometheus-client multiprocess files; the exporter process
-  (``supervisor/exporter.py``) serves their sum over HTTP;
+  (``supervisor/exporter/``) serves their sum over HTTP;
 - :class:`~mtgworkers.stats.statsd.StatsdObserver` (``[stats.statsd]``) sends statsd
   lines over UDP.
 

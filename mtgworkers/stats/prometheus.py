@@ -2,7 +2,7 @@
 
 Every worker process writes its own values into files of a shared directory (the
 "multiprocess directory", ``PROMETHEUS_MULTIPROC_DIR``); the exporter process
-(``supervisor/exporter.py``) reads and sums them for each scrape. Workers never talk to
+(``supervisor/exporter/``) reads and sums them for each scrape. Workers never talk to
 the exporter and never wait for it: a slow or hung scrape cannot block a worker.
 
 Directory layout (created by :func:`create_multiproc_dir`, mode 0700, private to one

@@ -27,7 +27,7 @@ from mtgworkers.stats.prometheus import (
     reap_dead_workers,
 )
 from mtgworkers.stats.statsd import StatsdObserver
-from supervisor.exporter import Scraper, render_text
+from supervisor.exporter.exposition import Scraper, render_text
 from tests.stats.helpers import Series, parse, value
 from tests.support.proxy import REPO_ROOT
 

@@ -4,6 +4,7 @@ while a scraper checks that no counter ever goes down."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 
+import psutil
 import pytest
 
 import supervisor.arbiter
@@ -153,3 +155,59 @@ def test_metrics_survive_a_killed_worker_and_a_reload(
     assert status == 200
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert check.returncode == 0, check.stderr.decode()
+
+
+def _exporter_pid(proxy: ProxyProcess) -> int | None:
+    """PID of the supervisor's live metrics exporter process (None: not running)."""
+    for child in psutil.Process(proxy.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and "supervisor.exporter" in " ".join(
+                child.cmdline()
+            ):
+                return child.pid
+    return None
+
+
+def test_a_killed_exporter_is_seen_and_restarted(
+    proxy_factory: ProxyPool, test_secret: KitSecret
+) -> None:
+    # The supervisor reaps every child itself (waitpid(-1)); the exporter's status must
+    # still reach its handle: logged as it is, and the exporter started again.
+    port = free_port()
+    proxy = proxy_factory(
+        {
+            "supervisor": {"workers": 2},
+            "stats": {"prometheus": {"enabled": True, "bind-to": f"127.0.0.1:{port}"}},
+        }
+    )
+    proxy.wait_for_log("proxy is listening", timeout=10)
+    _client(proxy, test_secret, 1000).close()
+    wait_until(
+        lambda: value(scrape_series(port), TRAFFIC, direction="to_client", **LABELS) == 1000,
+        5,
+        "the traffic of one session",
+    )
+    first = wait_until(lambda: _exporter_pid(proxy), 5, "the exporter process")
+
+    mark = proxy.mark()
+    os.kill(first, signal.SIGKILL)
+    record = proxy.wait_for_log("metrics exporter exited; restarting it", since=mark)
+    assert (record["pid"], record["status"]) == (first, "signal SIGKILL")
+    assert record["restart_in"] == 1.0
+    # A scrape waits in the queue of the supervisor's socket for the new exporter.
+    series = scrape_series(port)
+    second = _exporter_pid(proxy)
+    assert second not in (None, first)
+    assert value(series, TRAFFIC, direction="to_client", **LABELS) == 1000
+    assert value(series, "mtg_workers", state="ready") == 2
+    assert sum(series["mtg_worker_restarts_total"].values()) == 0  # not a worker
+    assert not proxy.logs_matching("worker died; starting a new one", since=mark)
+
+    # The replacement is supervised the same way: a second death is seen too.
+    mark = proxy.mark()
+    os.kill(second, signal.SIGKILL)
+    record = proxy.wait_for_log("metrics exporter exited; restarting it", since=mark)
+    assert (record["pid"], record["status"]) == (second, "signal SIGKILL")
+    assert record["restart_in"] == 2.0
+    assert value(scrape_series(port), TRAFFIC, direction="to_client", **LABELS) == 1000
+    assert _exporter_pid(proxy) not in (None, first, second)
