@@ -2,7 +2,7 @@
 
 This is the only place where a client session is put together; the layers it composes
 (PROXY protocol, FakeTLS, obfuscated2, DC choice, dialer, relay) know nothing about each
-other. The order of operations and the failure routing follow mtg (see protocol.md §0):
+other. The order of operations and the failure routing follow mtg (see docs/protocol.md §0):
 
     accept -> [PROXY header] -> allowlist/blocklist -> concurrency gate -> ClientHello
       -> anti-replay -> ServerHello -> obfuscated2 frame -> dial DC -> relay
