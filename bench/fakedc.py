@@ -7,7 +7,7 @@ processes adds capacity (each process may hold at most ~20k sockets here).
 Two kinds of listener:
 
 - *obfs2* ports are what the proxy dials: the proxy's 64-byte obfuscated2 frame (no secret,
-  protocol.md §4.2) and then the obfuscated2 stream;
+  docs/protocol.md §4.2) and then the obfuscated2 stream;
 - *tls* ports are behind the no-crypto baseline relay, which forwards the client's bytes
   untouched: TLS records carrying the client's frame (decoded here with the secret, as the
   proxy would) and the client-encrypted stream. Answers are encrypted and wrapped in records

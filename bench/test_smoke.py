@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.e2e
+@pytest.mark.bench_smoke
 def test_bench_smoke_passes() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "smoke"],

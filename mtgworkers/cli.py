@@ -1,7 +1,7 @@
 """Command line: mtg v2's commands and flags, parsed with docopt-ng.
 
 ``run``, ``simple-run``, ``generate-secret``, ``access`` and ``doctor`` behave like mtg's
-commands of the same names (mtg-compat.md (b)). Each command has its own usage text because the
+commands of the same names (docs/mtg-compat.md (b)). Each command has its own usage text because the
 commands reuse short flags with different meanings (``-p`` is the fronting port for
 simple-run and the advertised port for access), which one docopt pattern cannot express.
 
@@ -184,7 +184,7 @@ Options:
   --deadline=DURATION    Stop all checks after this long. [default: 60s]
 """
 
-# mtg doctor's advice for each deprecated key (mtg-compat.md e.1), keyed by the last
+# mtg doctor's advice for each deprecated key (docs/mtg-compat.md e.1), keyed by the last
 # component of the key so both "doh-ip" and "network.doh-ip" find it.
 _DEPRECATED = {
     "domain-fronting-ip": ("", '"ip" in [domain-fronting] section'),

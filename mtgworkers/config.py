@@ -1,4 +1,4 @@
-"""Configuration file -> frozen dataclasses (mtg v2 compatible, see mtg-compat.md part (a)).
+"""Configuration file -> frozen dataclasses (mtg v2 compatible, see docs/mtg-compat.md (a)).
 
 The file is TOML with mtg v2's keys and value syntaxes. Like mtg, every value is validated at
 load time, a key set to its zero value (``false``, ``0``, ``""``) behaves as if it were absent,

@@ -1,4 +1,4 @@
-"""Telegram DC addresses and the order in which to try them (protocol.md §5).
+"""Telegram DC addresses and the order in which to try them (docs/protocol.md §5).
 
 The built-in table is mtg's (§5.1): DCs 1-5 and 203, all on port 443. ``[dc-overrides]`` in the
 config replace the built-in addresses of a DC, or add a DC the table does not know (test DCs

@@ -4,7 +4,7 @@ mtg asks ``https://ifconfig.co`` with ``Accept: text/plain`` over a TCP connecti
 to IPv4 or IPv6 and takes the trimmed body as the address. We do the same with a small
 HTTP/1.1 client of our own (:mod:`mtgworkers.net.http`) and fall back to a second
 well-known service when the first one does not answer. Like mtg, this connects directly,
-never through the SOCKS5 proxies of ``[network]`` (protocol.md §11.1).
+never through the SOCKS5 proxies of ``[network]`` (docs/protocol.md §11.1).
 
 The service list can be replaced through the ``MTGWORKERS_IP_ECHO_URLS`` environment
 variable (comma-separated URLs, ``http://`` allowed). It exists for the test suite,

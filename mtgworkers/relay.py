@@ -187,7 +187,7 @@ class TelegramSide(Side):
             session.side_failed(self, "peer connection is closed")
 
 
-# mtg's dynamic record sizing (protocol.md §8.3): like a web server's TLS slow start, the
+# mtg's dynamic record sizing (docs/protocol.md §8.3): like a web server's TLS slow start, the
 # first records of a burst are small. Sizes are payload bytes per record.
 DRS_SMALL_RECORDS = 40  # records 1..40: 1351..1450 bytes
 DRS_MEDIUM_RECORDS = 60  # records 41..60: 3997..4096 bytes, then MAX_RECORD_PAYLOAD

@@ -1,4 +1,6 @@
-"""``auto-update``: learn extra DC 203 addresses from Telegram's getProxyConfig (§5.4).
+"""``auto-update``: learn extra DC 203 addresses from Telegram's getProxyConfig.
+
+See docs/protocol.md §5.4.
 
 Telegram publishes its middle-proxy endpoints at ``getProxyConfig`` (IPv4) and
 ``getProxyConfigV6`` (IPv6), one ``proxy_for <dc> <host:port>;`` line each. mtg reads both

@@ -42,7 +42,9 @@ python3 -m venv .venv
 # Everything else runs in a new network namespace that has only a loopback interface, so
 # no test can reach anything but 127.0.0.0/8 and ::1 (an address outside fails at once).
 if ! command -v ip >/dev/null 2>&1; then apt_install iproute2; fi
-PYTEST=(.venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy "$@")
+# -m "" clears the default marker filter of pyproject.toml: the soak and benchmark smoke
+# tests run here too (a later -m among the extra arguments still wins).
+PYTEST=(.venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy -m "" "$@")
 if unshare --net true 2>/dev/null; then
   exec unshare --net bash -c 'ip link set lo up && exec "$@"' netns "${PYTEST[@]}"
 elif unshare --user --map-root-user --net true 2>/dev/null; then

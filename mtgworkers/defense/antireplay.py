@@ -1,4 +1,4 @@
-"""Anti-replay cache: a stable Bloom filter over a caller-provided buffer (protocol.md §7).
+"""Anti-replay cache: a stable Bloom filter over a caller-provided buffer (docs/protocol.md §7).
 
 A stable Bloom filter (Deng & Rafiei, 2006) is a Bloom filter that forgets: every insertion
 first clears ``p`` consecutive cells at a random position, so the share of set cells stays

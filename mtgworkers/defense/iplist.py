@@ -1,4 +1,4 @@
-"""IP allow/blocklists: FireHOL netset parsing and fast membership (protocol.md §9).
+"""IP allow/blocklists: FireHOL netset parsing and fast membership (docs/protocol.md §9).
 
 :func:`parse_netset` turns the text of one list into networks. :class:`IPList` is an immutable
 snapshot built from networks of any number of lists; lookups are a binary search over sorted,

@@ -1,4 +1,6 @@
-"""Keeps an IP allow/blocklist fresh: read every source, build one IPList, swap it in (§9).
+"""Keeps an IP allow/blocklist fresh: read every source, build one IPList, swap it in.
+
+See docs/protocol.md §9.
 
 An :class:`IPListUpdater` belongs to one list (``blocklist`` or ``allowlist``). Each round
 reads all sources of ``[defense.<name>].urls`` at the same time (mtg ignores
@@ -15,7 +17,7 @@ bad lines; they were skipped`` with their count and the first of them. Parsing a
 building run in a worker thread so that a large list does not stall the event loop that
 relays traffic.
 
-Log messages and logger names are mtg's (mtg-compat.md (d.4)), including the misspelt
+Log messages and logger names are mtg's (docs/mtg-compat.md d.4), including the misspelt
 ``ipblockist``; the bad-lines warning is ours.
 """
 

@@ -1,6 +1,6 @@
 """``mtgworkers doctor``: check that the proxy can run correctly on this host.
 
-The sections and texts of ``mtg doctor`` (mtg-compat.md (e)), in mtg's order, then ours:
+The sections and texts of ``mtg doctor`` (docs/mtg-compat.md (e)), in mtg's order, then ours:
 
 1. Deprecated options            mtg's list and advice
 2. Time skewness                 several NTP servers with retries (mtg: one, once)

@@ -58,14 +58,14 @@ __all__ = [
 
 DC_NUMBERS = (1, 2, 3, 4, 5, 203)
 NTP_ATTEMPTS = 3
-# mtg's bands (mtg-compat.md e.2): below 30% of the tolerance all good, below 70% a warning.
+# mtg's bands (docs/mtg-compat.md e.2): below 30% of the tolerance all good, below 70% a warning.
 SKEW_OK = 0.3
 SKEW_WARN = 0.7
 X509_HOSTNAME_MISMATCH = 62
 # Where the kernel settings are read (a module attribute so tests can point it elsewhere).
 PROC = "/proc"
 
-# mtg doctor's advice for each deprecated key (mtg-compat.md e.1), in mtg's order.
+# mtg doctor's advice for each deprecated key (docs/mtg-compat.md e.1), in mtg's order.
 _DEPRECATED = {
     "domain-fronting-ip": ("", '"ip" in [domain-fronting] section'),
     "domain-fronting-port": ("", '"port" in [domain-fronting] section'),
@@ -158,7 +158,7 @@ def _join(host: str, port: int) -> str:
 
 
 def deprecated_message(key: str) -> str:
-    """mtg doctor's line for a deprecated key (mtg-compat.md e.1)."""
+    """mtg doctor's line for a deprecated key (docs/mtg-compat.md e.1)."""
     name = key.rsplit(".", 1)[-1]
     section, replacement = _DEPRECATED.get(key, ("", "the new option"))
     return (

@@ -1,6 +1,6 @@
 """The client side of FakeTLS, obfuscated2 and a first MTProto message, for doctor's probe.
 
-Pure functions (no sockets, no clock: time is a parameter), written from protocol.md §3/§4
+Pure functions (no sockets, no clock: time is a parameter), written from docs/protocol.md §3/§4
 from the client's point of view:
 
 - :func:`build_client_hello`: a browser-like TLS 1.3 ClientHello (real X25519 key share,
@@ -194,7 +194,7 @@ def looks_like_tls(buf: bytes | bytearray) -> bool:
 
 
 def verify_server_hello(records: list[Record], key: bytes, client_random: bytes) -> bool:
-    """True when ``records`` are the proxy's answer signed with ``key`` (protocol.md §3.7).
+    """True when ``records`` are the proxy's answer signed with ``key`` (docs/protocol.md §3.7).
 
     The answer is a ServerHello record, a ChangeCipherSpec record and one ApplicationData
     record; the server random is HMAC-SHA256(key, client_random || the three records with

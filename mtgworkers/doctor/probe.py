@@ -1,7 +1,7 @@
 """doctor's section 7: probe a running proxy as a Telegram client and as a censor would.
 
 As a client: a FakeTLS handshake with the secret (the ServerHello must carry the HMAC of
-the secret, protocol.md §3.7), then the obfuscated2 frame for a DC and an MTProto
+the secret, docs/protocol.md §3.7), then the obfuscated2 frame for a DC and an MTProto
 ``req_pq_multi`` whose answer comes back from the DC through the proxy.
 
 As a censor: a TLS client with the secret's SNI but no secret, a random SNI, no SNI, plain

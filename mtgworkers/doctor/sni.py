@@ -2,7 +2,7 @@
 
 A censor that sees a TLS connection to our IP with SNI ``www.example.com`` can look the
 name up; if it resolves elsewhere, the connection is suspicious. Shared by doctor's
-"Validate SNI-DNS match" section, the start-up warning of ``run`` (mtg-compat.md d.3) and
+"Validate SNI-DNS match" section, the start-up warning of ``run`` (docs/mtg-compat.md d.3) and
 the public address detection of ``access``:
 
 - :func:`public_addresses`: our IPv4/IPv6 from the config, else from IP echo services;
@@ -39,7 +39,7 @@ __all__ = [
     "startup_check",
 ]
 
-# mtg's start-up messages (mtg-compat.md d.3), pointing at our doctor.
+# mtg's start-up messages (docs/mtg-compat.md d.3), pointing at our doctor.
 CANNOT_RESOLVE = "SNI-DNS check: cannot resolve secret hostname"
 CANNOT_DETECT = (
     "SNI-DNS check: cannot detect public IP address; set public-ipv4/public-ipv6 in config "

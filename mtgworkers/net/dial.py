@@ -1,4 +1,4 @@
-"""Outgoing TCP connections: direct, or through SOCKS5 proxies (protocol.md §11, §13).
+"""Outgoing TCP connections: direct, or through SOCKS5 proxies (docs/protocol.md §11, §13).
 
 :class:`Dialer` hands out connected, non-blocking sockets with our socket
 options set, ready for ``loop.create_connection(factory, sock=sock)``:

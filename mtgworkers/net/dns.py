@@ -27,7 +27,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import dns.asyncbackend
@@ -43,6 +43,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from mtgworkers.net.http import ResponseError, Wording, read_response
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -406,8 +408,8 @@ class HttpsResolver(_TlsServerResolver):
     ALPN offers both (:data:`DOH_ALPN`). Over HTTP/2 both queries are two streams
     of one connection (the h2 library keeps the protocol state, we move the bytes);
     over HTTP/1.1 (also when the server picks no ALPN) both go over one keep-alive
-    connection, through a small HTTP/1.1 client of our own (Content-Length and
-    chunked bodies).
+    connection, read by the package's HTTP/1.1 answer reader
+    (:func:`mtgworkers.net.http.read_response`).
     """
 
     def __init__(
@@ -677,101 +679,41 @@ def _hostport(host: str, port: int) -> str:
     return f"{_bracket(host)}:{port}"
 
 
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError:
-        raise _QueryError("DNS-over-HTTPS server closed the connection early") from None
-    except asyncio.LimitOverrunError:
-        raise _QueryError("DNS-over-HTTPS server sent an overlong HTTP line") from None
-    return line.rstrip(b"\r\n")
-
-
-async def _read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
-    try:
-        return await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise _QueryError("DNS-over-HTTPS server closed the connection mid-body") from None
+# How the HTTP/1.1 answer reader words its errors for a DoH server.
+_DOH_WORDING = Wording(
+    no_answer="DNS-over-HTTPS server closed the connection early",
+    closed="DNS-over-HTTPS server closed the connection early",
+    long_line="DNS-over-HTTPS server sent an overlong HTTP line",
+    bad_status="malformed HTTP status line from DNS-over-HTTPS server: {line}",
+    bad_header="malformed HTTP header from DNS-over-HTTPS server: {line}",
+    many_lines="DNS-over-HTTPS server sent overlong HTTP headers",
+    long_head="DNS-over-HTTPS server sent overlong HTTP headers",
+    many_interim="DNS-over-HTTPS server sent more than {limit} interim (1xx) answers",
+    bad_encoding="unsupported transfer encoding from DNS-over-HTTPS server: {value!r}",
+    bad_length="bad Content-Length from DNS-over-HTTPS server: {value!r}",
+    body_too_large="DNS-over-HTTPS answer too large: {length} bytes",
+    body_over_limit="DNS-over-HTTPS answer too large",
+    truncated="DNS-over-HTTPS server closed the connection mid-body",
+    bad_chunk_size="bad chunk size from DNS-over-HTTPS server: {line}",
+    bad_chunk_end="malformed chunk from DNS-over-HTTPS server",
+)
 
 
 async def _read_http_response(
     reader: asyncio.StreamReader,
-) -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP/1.1 response: (status, lower-cased headers, body).
+) -> tuple[int, Mapping[str, str], bytes]:
+    """Read one HTTP/1.1 answer: (status, lower-cased headers, body).
 
-    Skips 1xx interim responses; bodies are Content-Length, chunked or
-    read-to-EOF and at most 65535 bytes (one DNS message). Raises _QueryError.
+    :func:`mtgworkers.net.http.read_response` with a DNS message's limits: a body of at
+    most 65535 bytes and a head of at most _MAX_HTTP_HEAD bytes. Raises _QueryError.
     """
-    while True:
-        status_line = await _read_line(reader)
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise _QueryError(
-                f"malformed HTTP status line from DNS-over-HTTPS server: {status_line[:80]!r}"
-            )
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        size = len(status_line)
-        while True:
-            line = await _read_line(reader)
-            size += len(line)
-            if size > _MAX_HTTP_HEAD:
-                raise _QueryError("DNS-over-HTTPS server sent overlong HTTP headers")
-            if not line:
-                break
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise _QueryError(
-                    f"malformed HTTP header from DNS-over-HTTPS server: {line[:80]!r}"
-                )
-            key = name.strip().decode("latin-1").lower()
-            text = value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if not 100 <= status < 200:
-            break
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _read_chunked(reader)
-    elif "content-length" in headers:
-        length_text = headers["content-length"]
-        if not length_text.isdigit():
-            raise _QueryError(
-                f"bad Content-Length from DNS-over-HTTPS server: {length_text[:20]!r}"
-            )
-        length = int(length_text)
-        if length > _MAX_DNS_MESSAGE:
-            raise _QueryError(f"DNS-over-HTTPS answer too large: {length} bytes")
-        body = await _read_exactly(reader, length)
-    else:
-        body = await reader.read(_MAX_DNS_MESSAGE + 1)
-        while body and len(body) <= _MAX_DNS_MESSAGE:
-            more = await reader.read(_MAX_DNS_MESSAGE + 1 - len(body))
-            if not more:
-                break
-            body += more
-        if len(body) > _MAX_DNS_MESSAGE:
-            raise _QueryError("DNS-over-HTTPS answer too large")
-    return status, headers, body
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    body = bytearray()
-    while True:
-        size_text = (await _read_line(reader)).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _QueryError(
-                f"bad chunk size from DNS-over-HTTPS server: {size_text[:20]!r}"
-            ) from None
-        if size < 0 or len(body) + size > _MAX_DNS_MESSAGE:
-            raise _QueryError("DNS-over-HTTPS answer too large")
-        if size == 0:
-            while await _read_line(reader):  # trailer fields, up to the empty line
-                pass
-            return bytes(body)
-        body += await _read_exactly(reader, size)
-        if await _read_line(reader):
-            raise _QueryError("malformed chunk from DNS-over-HTTPS server")
+    try:
+        response = await read_response(
+            reader, max_body=_MAX_DNS_MESSAGE, max_head=_MAX_HTTP_HEAD, wording=_DOH_WORDING
+        )
+    except ResponseError as exc:
+        raise _QueryError(str(exc)) from None
+    return response.status, response.headers, response.body
 
 
 def make_resolver(

@@ -1,4 +1,7 @@
-"""A small HTTP/1.1 client for the proxy's background downloads (protocol.md §5.4, §9, §11.1).
+"""A small HTTP/1.1 client for the proxy's background downloads.
+
+See docs/protocol.md §5.4 (getProxyConfig), §9 (IP lists) and §11.1 (which downloads go
+through the SOCKS5 proxies).
 
 mtg fetches IP lists, Telegram's getProxyConfig and its public address over plain
 HTTP(S) ``GET`` requests with the User-Agent ``curl/8.5.0``. That needs very little of
@@ -16,6 +19,10 @@ HTTP, so instead of a dependency this module has one function, :func:`http_get`:
 
 :func:`url_fetcher` wraps it into the ``url -> body`` callable the updaters take, with
 mtg's rule that a status of 400 or more is an error.
+
+:func:`read_response` is the one HTTP/1.1 answer reader of the package: :func:`http_get`
+uses it, and so does the DNS-over-HTTPS client for servers that speak HTTP/1.1
+(:mod:`mtgworkers.net.dns`), each with its own limits and wording (:class:`Wording`).
 """
 
 from __future__ import annotations
@@ -25,17 +32,24 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_HEAD",
+    "DEFAULT_WORDING",
+    "MAX_HEADER_LINES",
+    "MAX_INTERIM",
     "MAX_REDIRECTS",
     "USER_AGENT",
     "HTTPError",
     "HTTPResponse",
+    "ResponseError",
+    "Wording",
     "http_get",
+    "read_response",
     "redact_url",
     "url_fetcher",
 ]
@@ -46,8 +60,7 @@ USER_AGENT = "curl/8.5.0"
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 MAX_REDIRECTS = 10  # Go's http.Client default
 
-_MAX_HEADER_LINES = 100
-_MAX_LINE = 64 * 1024  # one status/header/chunk-size line (also the stream buffer limit)
+_MAX_LINE = 64 * 1024  # one status/header/chunk-size line (the stream buffer limit)
 _READ_SIZE = 64 * 1024
 _CLOSE_GRACE = 1.0  # how long to wait for a TLS close_notify exchange on the way out
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -262,13 +275,14 @@ async def _request(
         writer.write("\r\n".join(lines).encode("latin-1"))
         try:
             await writer.drain()
-            status, response_headers = await _read_head(reader)
-            body = await _read_body(reader, status, response_headers, max_body)
+            response = await read_response(reader, max_body=max_body)
+        except ResponseError as exc:
+            raise _Failure(str(exc)) from None
         except ssl.SSLError as exc:
             raise _Failure(f"TLS error: {_tls_reason(exc)}") from None
         except OSError as exc:
             raise _Failure(_os_reason(exc)) from None
-        return HTTPResponse(status, body, MappingProxyType(response_headers), url)
+        return replace(response, url=url)
     finally:
         await _close(writer)
 
@@ -340,121 +354,217 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-async def _readline(reader: asyncio.StreamReader, what: str) -> bytes:
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError:
-        raise _Failure(f"connection closed inside the {what}") from None
-    except asyncio.LimitOverrunError:
-        raise _Failure(f"line too long in the {what}") from None
-    return line
+# --- reading an answer --------------------------------------------------------------------
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    """Status and headers of the final (non-1xx) answer."""
-    while True:
+@dataclass(frozen=True)
+class Wording:
+    """How :func:`read_response` words each way an answer can be wrong.
+
+    Every field is a :meth:`str.format` template; the placeholders a field may use are
+    ``{part}`` (``status line``, ``headers``, ``chunked body`` or ``trailers``), ``{line}``
+    (the offending line, shortened and quoted), ``{value}`` (a header value, shortened),
+    ``{length}`` (a declared body length), ``{got}`` (bytes received) and ``{limit}``.
+    The defaults are :func:`http_get`'s; a caller with its own voice (the DoH client)
+    passes its own instance.
+    """
+
+    no_answer: str = "connection closed without an answer"
+    closed: str = "connection closed inside the {part}"
+    long_line: str = "line too long in the {part}"
+    bad_status: str = "malformed HTTP response {line}"
+    bad_header: str = "malformed header line {line}"
+    many_lines: str = "more than {limit} header lines"
+    long_head: str = "{part} longer than {limit} bytes"
+    many_interim: str = "more than {limit} interim (1xx) answers"
+    bad_encoding: str = "unsupported transfer encoding {value!r}"
+    bad_length: str = "bad Content-Length {value!r}"
+    body_too_large: str = "body too large: {length} bytes (at most {limit})"
+    body_over_limit: str = "body too large: more than {limit} bytes"
+    truncated: str = "connection closed after {got} of {length} body bytes"
+    bad_chunk_size: str = "bad chunk size {line}"
+    bad_chunk_end: str = "malformed chunked body"
+
+
+class ResponseError(Exception):
+    """An answer that breaks HTTP/1.1 framing or one of the reader's limits.
+
+    ``kind`` is the :class:`Wording` field that worded the message, so callers and tests
+    can tell the failures apart without matching text.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+DEFAULT_WORDING = Wording()
+DEFAULT_MAX_HEAD = 64 * 1024  # status line + header lines of one answer (also the trailers)
+MAX_HEADER_LINES = 100
+MAX_INTERIM = 5  # 1xx answers skipped before the final one (Go's client allows as many)
+_MAX_CHUNK_DIGITS = 16  # a 64-bit size; more digits are hostile or broken
+
+
+class _Reader:
+    """One answer being read: the stream, the limits and the caller's wording."""
+
+    def __init__(
+        self, stream: asyncio.StreamReader, max_body: int, max_head: int, wording: Wording
+    ) -> None:
+        self.stream = stream
+        self.max_body = max_body
+        self.max_head = max_head
+        self.wording = wording
+
+    def error(self, kind: str, **fields: object) -> ResponseError:
+        template: str = getattr(self.wording, kind)
+        return ResponseError(kind, template.format(**fields))
+
+    async def line(self, part: str, *, first: bool = False) -> bytes:
+        """One line with its ending; ``first``: EOF before any byte is "no answer"."""
         try:
-            status_line = await reader.readuntil(b"\n")
+            return await self.stream.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise _Failure("connection closed without an answer") from None
-            raise _Failure("connection closed inside the status line") from None
+            kind = "no_answer" if first and not exc.partial else "closed"
+            raise self.error(kind, part=part) from None
         except asyncio.LimitOverrunError:
-            raise _Failure("malformed HTTP response (status line too long)") from None
-        status = _parse_status(status_line)
-        headers: dict[str, str] = {}
-        for _ in range(_MAX_HEADER_LINES):
-            line = await _readline(reader, "headers")
+            raise self.error("long_line", part=part) from None
+
+    async def exactly(self, size: int, part: str) -> bytes:
+        try:
+            return await self.stream.readexactly(size)
+        except asyncio.IncompleteReadError:
+            raise self.error("closed", part=part) from None
+
+    async def fields(self, part: str, head_size: int) -> dict[str, str]:
+        """Header (or trailer) lines up to the empty one: lower-case name -> value,
+        repeated names joined by ``", "``. ``head_size``: bytes of the section so far."""
+        result: dict[str, str] = {}
+        for _ in range(MAX_HEADER_LINES + 1):
+            line = await self.line(part)
+            head_size += len(line)
+            if head_size > self.max_head:
+                raise self.error("long_head", part=part, limit=self.max_head)
             if line in (b"\r\n", b"\n"):
-                break
+                return result
             name, sep, value = line.partition(b":")
             name = name.strip()
             if not sep or not name:
-                raise _Failure(f"malformed header line {_shown(line)}")
+                raise self.error("bad_header", line=_shown(line))
             key = name.decode("latin-1").lower()
             text = value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        else:
-            raise _Failure(f"more than {_MAX_HEADER_LINES} header lines")
-        # 1xx answers are interim (100 Continue, 103 Early Hints): the real one follows.
-        if not 100 <= status < 200:
-            return status, headers
+            result[key] = f"{result[key]}, {text}" if key in result else text
+        raise self.error("many_lines", part=part, limit=MAX_HEADER_LINES)
 
+    async def head(self) -> tuple[int, dict[str, str]]:
+        """Status and headers of the final answer; interim (1xx) answers are skipped."""
+        for _ in range(MAX_INTERIM + 1):
+            status_line = await self.line("status line", first=True)
+            if len(status_line) > self.max_head:
+                raise self.error("long_head", part="status line", limit=self.max_head)
+            status = self.status(status_line)
+            headers = await self.fields("headers", len(status_line))
+            # 100 Continue, 103 Early Hints: the real answer follows on the same stream.
+            if not 100 <= status < 200:
+                return status, headers
+        raise self.error("many_interim", limit=MAX_INTERIM)
 
-def _parse_status(line: bytes) -> int:
-    fields = line.split(None, 2)
-    if (
-        len(fields) < 2
-        or not fields[0].startswith(b"HTTP/1.")
-        or len(fields[1]) != 3
-        or not fields[1].isdigit()
-    ):
-        raise _Failure(f"malformed HTTP response {_shown(line)}")
-    return int(fields[1])
+    def status(self, line: bytes) -> int:
+        parts = line.split(None, 2)
+        if (
+            len(parts) < 2
+            or not parts[0].startswith(b"HTTP/1.")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
+            raise self.error("bad_status", line=_shown(line))
+        return int(parts[1])
 
+    async def body(self, status: int, headers: Mapping[str, str]) -> bytes:
+        if status in _NO_BODY:
+            return b""
+        encoding = headers.get("transfer-encoding", "").lower()
+        if encoding:
+            # Only chunked may come last (RFC 9112 6.1); it wins over any Content-Length.
+            if encoding.rsplit(",", 1)[-1].strip() != "chunked":
+                raise self.error("bad_encoding", value=encoding[:60])
+            return await self.chunked()
+        if "content-length" in headers:
+            return await self.sized(headers["content-length"])
+        return await self.to_eof()
 
-def _shown(line: bytes) -> str:
-    return repr(line.rstrip(b"\r\n")[:60].decode("latin-1"))
-
-
-async def _read_body(
-    reader: asyncio.StreamReader, status: int, headers: dict[str, str], max_body: int
-) -> bytes:
-    if status in _NO_BODY:
-        return b""
-    encoding = headers.get("transfer-encoding", "").lower()
-    if encoding:
-        if encoding.rsplit(",", 1)[-1].strip() != "chunked":
-            raise _Failure(f"unsupported transfer encoding {encoding!r}")
-        return await _read_chunked(reader, max_body)
-    if "content-length" in headers:
-        text = headers["content-length"]
+    async def sized(self, text: str) -> bytes:
         # Repeated identical values arrive joined ("5, 5"); different ones are an error.
         values = {value.strip() for value in text.split(",")}
         value = values.pop() if len(values) == 1 else ""
         if not (value.isascii() and value.isdigit()):
-            raise _Failure(f"bad Content-Length {text!r}")
+            raise self.error("bad_length", value=text[:60])
         length = int(value)
-        if length > max_body:
-            raise _Failure(f"body too large: {length} bytes (at most {max_body})")
+        if length > self.max_body:
+            raise self.error("body_too_large", length=length, limit=self.max_body)
         try:
-            return await reader.readexactly(length)
+            return await self.stream.readexactly(length)
         except asyncio.IncompleteReadError as exc:
-            raise _Failure(
-                f"connection closed after {len(exc.partial)} of {length} body bytes"
-            ) from None
-    return await _read_to_eof(reader, max_body)
+            raise self.error("truncated", got=len(exc.partial), length=length) from None
+
+    async def to_eof(self) -> bytes:
+        body = bytearray()
+        while True:
+            data = await self.stream.read(_READ_SIZE)
+            if not data:
+                return bytes(body)
+            body += data
+            if len(body) > self.max_body:
+                raise self.error("body_over_limit", limit=self.max_body)
+
+    async def chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            line = await self.line("chunked body")
+            # Extensions (";name=value") carry nothing we use. Hex digits only: int()
+            # alone would also take "0x", "+", "-" and "_".
+            size_text = line.split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > _MAX_CHUNK_DIGITS or size_text.strip(_HEX_DIGITS):
+                raise self.error("bad_chunk_size", line=_shown(line))
+            size = int(size_text, 16)
+            if size == 0:
+                # The trailers are read (and dropped) so that a kept-alive connection is
+                # left at the start of the next answer.
+                await self.fields("trailers", 0)
+                return bytes(body)
+            if len(body) + size > self.max_body:
+                raise self.error("body_over_limit", limit=self.max_body)
+            body += await self.exactly(size, "chunked body")
+            if await self.exactly(2, "chunked body") != b"\r\n":
+                raise self.error("bad_chunk_end")
 
 
-async def _read_to_eof(reader: asyncio.StreamReader, max_body: int) -> bytes:
-    body = bytearray()
-    while True:
-        data = await reader.read(_READ_SIZE)
-        if not data:
-            return bytes(body)
-        body += data
-        if len(body) > max_body:
-            raise _Failure(f"body too large: more than {max_body} bytes")
+async def read_response(
+    stream: asyncio.StreamReader,
+    *,
+    max_body: int,
+    max_head: int = DEFAULT_MAX_HEAD,
+    wording: Wording = DEFAULT_WORDING,
+) -> HTTPResponse:
+    """Read one HTTP/1.1 answer from ``stream`` and leave the stream right after it.
+
+    Interim 1xx answers (at most :data:`MAX_INTERIM`) are skipped. The body is framed by
+    ``Transfer-Encoding: chunked`` (extensions ignored, trailers read and dropped),
+    ``Content-Length`` or the end of the stream; 204 and 304 answers have none.
+    ``max_body``: the largest body accepted. ``max_head``: the largest status line plus
+    header section, in bytes (the trailers get the same limit); a single line is also
+    bounded by the stream's own ``limit``. At most :data:`MAX_HEADER_LINES` header lines.
+
+    Returns an :class:`HTTPResponse` without ``url``; its headers have lower-case names,
+    repeated fields joined by ``", "``. Raises ResponseError, worded by ``wording``, for
+    every malformed, truncated or oversized answer; errors of the stream itself (OSError,
+    ssl.SSLError) pass through.
+    """
+    reader = _Reader(stream, max_body, max_head, wording)
+    status, headers = await reader.head()
+    body = await reader.body(status, headers)
+    return HTTPResponse(status, body, MappingProxyType(headers))
 
 
-async def _read_chunked(reader: asyncio.StreamReader, max_body: int) -> bytes:
-    body = bytearray()
-    while True:
-        line = await _readline(reader, "chunked body")
-        size_text = line.split(b";", 1)[0].strip()
-        # Hex digits only: int() alone would also take "0x", "+", "-" and "_".
-        if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
-            raise _Failure(f"bad chunk size {_shown(line)}")
-        size = int(size_text, 16)
-        if size == 0:
-            # Trailers are of no use to us, and the connection closes after this answer.
-            return bytes(body)
-        if len(body) + size > max_body:
-            raise _Failure(f"body too large: more than {max_body} bytes")
-        try:
-            body += await reader.readexactly(size)
-            end = await reader.readexactly(2)
-        except asyncio.IncompleteReadError:
-            raise _Failure("connection closed inside the chunked body") from None
-        if end != b"\r\n":
-            raise _Failure("malformed chunked body")
+def _shown(line: bytes) -> str:
+    return repr(line.rstrip(b"\r\n")[:60].decode("latin-1"))

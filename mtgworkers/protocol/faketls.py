@@ -1,4 +1,4 @@
-"""FakeTLS, server side (protocol.md §2, §3).
+"""FakeTLS, server side (docs/protocol.md §2, §3).
 
 The client opens with a TLS 1.3-looking ClientHello whose random is an HMAC of the hello under
 the secret key, XOR-ed with a timestamp. We answer with ServerHello + ChangeCipherSpec + one

@@ -1,4 +1,4 @@
-"""Obfuscated2: the 64-byte init frame on both legs of a session (protocol.md §4).
+"""Obfuscated2: the 64-byte init frame on both legs of a session (docs/protocol.md §4).
 
 Client leg (§4.1): the first 64 bytes the client sends inside the FakeTLS stream. Both
 AES-256-CTR keys are derived from the frame and the secret key; the decrypted frame carries
@@ -7,7 +7,7 @@ the transport tag and the requested DC.
 Telegram leg (§4.2): for every DC connection we generate a fresh frame with unhashed keys (no
 secret towards Telegram).
 
-Deliberate differences to mtg, both documented in protocol.md:
+Deliberate differences to mtg, both documented in docs/protocol.md §4.1 and §4.2:
 
 - all three transport tags are accepted (abridged ``ef``, intermediate ``ee``, padded
   intermediate ``dd``); the caller forwards the client's tag to the DC, so the framing inside

@@ -1,4 +1,4 @@
-"""PROXY protocol v1/v2 headers (protocol.md §10).
+"""PROXY protocol v1/v2 headers (docs/protocol.md §10).
 
 :func:`parse_header` reads the optional header a load balancer puts at the start of an
 accepted connection. It is incremental: call it with everything received so far and it

@@ -1,4 +1,4 @@
-"""The proxy secret: ``0xee || 16-byte key || hostname`` (protocol.md §1).
+"""The proxy secret: ``0xee || 16-byte key || hostname`` (docs/protocol.md §1).
 
 Only FakeTLS (``ee``) secrets exist in mtg v2; legacy plain 16-byte secrets and ``dd``
 ("secure") secrets are rejected with a message that says so. Text forms are hex (tried first)

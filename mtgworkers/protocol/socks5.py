@@ -1,6 +1,6 @@
 """SOCKS5 client side (RFC 1928 CONNECT, RFC 1929 username/password), without I/O.
 
-The exchange as mtg does it (protocol.md §11.1):
+The exchange as mtg does it (docs/protocol.md §11.1):
 
     client -> server   05 n methods          greeting: 00 (no auth), plus 02 with credentials
     server -> client   05 method             method choice

@@ -164,7 +164,7 @@ IP_BLOCKLISTED = MetricSpec(
 )
 REPLAY_ATTACKS = MetricSpec("replay_attacks", "counter", (), "A number of detected replay attacks.")
 
-# mtg's ten metrics (mtg-compat.md c.1), in its order.
+# mtg's ten metrics (docs/mtg-compat.md c.1), in its order.
 MTG_METRICS: Final = (
     CLIENT_CONNECTIONS,
     TELEGRAM_CONNECTIONS,

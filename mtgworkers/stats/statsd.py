@@ -1,6 +1,6 @@
 """statsd observer: proxy events -> statsd lines over UDP, in mtg's formats.
 
-Line shapes (mtg-compat.md c.3; the prefix is prepended verbatim, so the default
+Line shapes (docs/mtg-compat.md c.3; the prefix is prepended verbatim, so the default
 ``mtg.`` gives ``mtg.client_connections`` and a configured ``mtg`` gives
 ``mtgclient_connections``, as in mtg)::
 

@@ -1,4 +1,4 @@
-"""The start-up SNI-DNS check of ``run`` (mtg-compat.md d.3): messages, fields, the hook."""
+"""The start-up SNI-DNS check of ``run`` (docs/mtg-compat.md d.3): messages, fields, the hook."""
 
 from __future__ import annotations
 

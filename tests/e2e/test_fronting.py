@@ -1,6 +1,6 @@
 """End-to-end: everything that is not a valid, fresh FakeTLS hello goes to the website.
 
-protocol.md §6: the proxy replays every byte it read to the fronting host and then relays
+docs/protocol.md §6: the proxy replays every byte it read to the fronting host and then relays
 both ways, so the website must receive exactly what the client sent and the client must
 see the website's own TLS answers. One proxy with anti-replay on serves the module.
 """
@@ -186,7 +186,7 @@ def test_replayed_hello_is_fronted(shared_env: SharedEnv) -> None:
     env.proxy.wait_for_log("replay attack has been detected!", since=mark)
     _assert_fronted(env, probe, index)
 
-    # A fresh, valid hello that reuses the session id is a replay too (§3.4).
+    # A fresh, valid hello that reuses the session id is a replay too (docs/protocol.md §3.4).
     index = len(env.website.connections)
     probe = env.client()
     probe.send_client_hello(session_id=session_id)

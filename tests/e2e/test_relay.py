@@ -1,4 +1,4 @@
-"""End-to-end: FakeTLS + obfuscated2 sessions relayed to a fake DC (protocol.md §0, §4, §15).
+"""End-to-end: FakeTLS + obfuscated2 sessions relayed to a fake DC (docs/protocol.md §0, §4, §15).
 
 All tests share one proxy, fake DC and website (``shared_env``); each test looks only at
 the connections it made itself.
@@ -182,7 +182,7 @@ def test_session_logs(shared_env: SharedEnv) -> None:
 
 
 def test_client_sees_a_proper_welcome_packet(shared_env: SharedEnv) -> None:
-    """ServerHello shape and noise size as in protocol.md §3.7 (HMAC checked by the client)."""
+    """ServerHello shape and noise size as in docs/protocol.md §3.7 (HMAC checked by the client)."""
     with shared_env.client() as client:
         info = client.handshake(dc=2)
     assert info.cipher_suite == 0x1301
@@ -193,7 +193,7 @@ def test_client_sees_a_proper_welcome_packet(shared_env: SharedEnv) -> None:
 
 
 def test_wrong_protocol_version_after_handshake_closes(shared_env: SharedEnv) -> None:
-    """protocol.md §3.8: a record with version != 03 03 on the data path ends the session."""
+    """docs/protocol.md §3.8: a record with version != 03 03 on the data path ends the session."""
     with shared_env.client() as client:
         client.handshake(dc=2)
         client.send(b"ok")

@@ -1,4 +1,7 @@
-"""End-to-end: handshake/idle timeouts, Telegram dial failures (protocol.md §0, §5.3, §13, §15)."""
+"""End-to-end: handshake/idle timeouts, Telegram dial failures.
+
+See docs/protocol.md §0, §5.3, §13 and §15.
+"""
 
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def test_idle_timeout(
         client.handshake(dc=2)
         client.send(b"hi")
         assert client.recv_exactly(2) == b"hi"
-    # A fronted connection is cut by the same idle timeout (protocol.md §6.2 step 4).
+    # A fronted connection is cut by the same idle timeout (docs/protocol.md §6.2 step 4).
     fronted = client_factory(proxy, key=os.urandom(16))
     fronted.send_client_hello()
     assert read_record(fronted.sock)[0] == 0x16  # the website's ServerHello

@@ -77,7 +77,7 @@ def test_events_become_mtgs_exposition(metrics_dir: str) -> None:
         observer(event)
     text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
     observer.close()
-    # mtg's samples (mtg-compat.md c.2): names without _total, labels sorted, Go numbers.
+    # mtg's samples (docs/mtg-compat.md c.2): names without _total, labels sorted, Go numbers.
     for line in (
         'mtg_client_connections{ip_family="ipv4"} 1',
         'mtg_client_connections{ip_family="ipv6"} 1',

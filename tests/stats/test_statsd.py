@@ -38,7 +38,7 @@ LINE_RE = {
 
 
 def test_formats_are_mtgs() -> None:
-    # The examples of mtg-compat.md c.3, verbatim.
+    # The examples of docs/mtg-compat.md c.3, verbatim.
     assert format_line("mtg.", "telegram_traffic", "30", "c", TELEGRAM_TAGS, "datadog") == (
         b"mtg.telegram_traffic:30|c|#telegram_ip:10.1.0.10,dc:2,direction:to_client\n"
     )

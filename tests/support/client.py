@@ -1,4 +1,4 @@
-"""FakeTLS MTProto test client (blocking sockets), written from protocol.md §3 and §4.
+"""FakeTLS MTProto test client (blocking sockets), written from docs/protocol.md §3 and §4.
 
 Typical use::
 
@@ -192,7 +192,7 @@ def read_record(sock: socket.socket) -> tuple[int, bytes, bytes]:
 def parse_server_hello(
     packet: bytes, client_random: bytes, secret_key: bytes, session_id: bytes
 ) -> ServerHelloInfo:
-    """Check the proxy's ServerHello + CCS + ApplicationData against protocol.md §3.7.
+    """Check the proxy's ServerHello + CCS + ApplicationData against docs/protocol.md §3.7.
 
     Verifies the record layout, the echoed session id, the extensions and the HMAC in the
     server random. Raises WireError naming the first difference.

@@ -1,7 +1,7 @@
 """A fake Telegram DC on 127.0.0.1 (asyncio, in a background thread with its own loop).
 
 The proxy opens a connection and sends a 64-byte obfuscated2 frame without a secret
-(protocol.md §4.2). The fake DC decodes it, records tag and DC, then serves the
+(docs/protocol.md §4.2). The fake DC decodes it, records tag and DC, then serves the
 connection in one of three modes:
 
 - ``"echo"``: decrypt what arrives and send it back re-encrypted;

@@ -1,7 +1,7 @@
 """Wire-level building blocks shared by the test client and the fake DC.
 
 This is an independent implementation of the client side and the Telegram side of
-the protocol, written from ``protocol.md`` (§3, §4). It deliberately does not import
+the protocol, written from ``docs/protocol.md`` (§3, §4). It deliberately does not import
 anything from ``mtgworkers``: a second implementation is what catches bugs in the
 proxy's own one.
 """
@@ -31,7 +31,7 @@ RECORD_APPDATA = 0x17
 MAX_RECORD_PAYLOAD = 16379
 CCS_RECORD = b"\x14\x03\x03\x00\x01\x01"
 
-# First four bytes (as u32le) an obfuscated2 frame must not start with (protocol.md §4.2).
+# First four bytes (as u32le) an obfuscated2 frame must not start with (docs/protocol.md §4.2).
 _FORBIDDEN_PREFIXES = frozenset(
     {0x44414548, 0x54534F50, 0x20544547, 0x4954504F, 0x02010316, 0xDDDDDDDD, 0xEEEEEEEE}
 )
@@ -49,7 +49,7 @@ def aes_ctr(key: bytes, iv: bytes) -> CipherContext:
 
 
 def is_forbidden_frame(frame: bytes | bytearray) -> bool:
-    """True if a plaintext obfuscated2 frame must be regenerated (protocol.md §4.2 step 1)."""
+    """True if a plaintext obfuscated2 frame must be regenerated (docs/protocol.md §4.2 step 1)."""
     if frame[0] == 0xEF:
         return True
     if int.from_bytes(frame[0:4], "little") in _FORBIDDEN_PREFIXES:
@@ -67,7 +67,7 @@ def random_frame(urandom: Callable[[int], bytes] = os.urandom) -> bytearray:
 
 @dataclass
 class Obfs2Client:
-    """Client side of obfuscated2 with a secret (protocol.md §4.1, mirrored).
+    """Client side of obfuscated2 with a secret (docs/protocol.md §4.1, mirrored).
 
     ``wire`` is what goes into the TLS stream; ``encryptor`` continues at offset 64
     (client -> proxy) and ``decryptor`` starts at offset 0 (proxy -> client).
@@ -104,7 +104,7 @@ def obfs2_client_frame(
 
 @dataclass
 class Obfs2DCSide:
-    """What a Telegram DC learns from the proxy's frame (protocol.md §4.2, no secret)."""
+    """What a Telegram DC learns from the proxy's frame (docs/protocol.md §4.2, no secret)."""
 
     tag: bytes
     dc: int

@@ -39,7 +39,7 @@ SECRET_HEX = "eed11c6cbbd9efe7fed5bc0db220b09665676f6f676c652e636f6d"
 # Nothing listens on port 1: detection fails at once instead of reaching the internet.
 NO_ECHO = "http://127.0.0.1:1/"
 
-# mtg's access output for this secret (mtg-compat.md b.4), byte for byte.
+# mtg's access output for this secret (docs/mtg-compat.md b.4), byte for byte.
 ACCESS_IPV4 = """\
 {
   "ipv4": {

@@ -55,7 +55,7 @@ else:  # pragma: no cover
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-# mtg-compat.md a.4 (hex) and mtg's internal/config/testdata/minimal.toml (base64).
+# docs/mtg-compat.md a.4 (hex) and mtg's internal/config/testdata/minimal.toml (base64).
 SECRET_HEX = "ee473ce5d4958eb5f968c87680a23854a0676f6f676c652e636f6d"
 SECRET_B64 = "7oe1GqLy6TBc38CV3jx7q09nb29nbGUuY29t"
 FIREHOL = "https://iplists.firehol.org/files/firehol_level1.netset"
@@ -96,7 +96,7 @@ def with_key(dotted: str, value: Any) -> dict[str, Any]:
         ("1\tM", 60.0),
         ("1H", 3600.0),
         ("1 h", 3600.0),
-        # mtg-compat.md a.2
+        # docs/mtg-compat.md a.2
         ("5s", 5.0),
         ("1m30s", 90.0),
         ("1.5h", 5400.0),
@@ -200,7 +200,7 @@ def test_format_duration_round_trips(nanoseconds: int) -> None:
         ("1kib", 1024),
         ("2mb", 2 * 1024 * 1024),
         ("2mib", 2 * 1024 * 1024),
-        # mtg-compat.md a.2
+        # docs/mtg-compat.md a.2
         ("1mb", 1048576),
         ("1mib", 1048576),
         ("512kib", 524288),
@@ -818,7 +818,7 @@ def test_parse_dc_address_errors(text: str, reason: str) -> None:
 def test_minimal_config_defaults_are_the_code_defaults() -> None:
     cfg = parse(minimal())
     assert cfg == Config(secret=Secret.parse(SECRET_HEX), bind_to=HostPort("0.0.0.0", 443))
-    # mtg-compat.md a.4, spelled out
+    # docs/mtg-compat.md a.4, spelled out
     assert cfg.secret.host == "google.com"
     assert not cfg.defense.anti_replay.enabled
     assert cfg.defense.anti_replay.max_size == 1048576
@@ -855,7 +855,7 @@ def test_mtg_minimal_testdata_with_base64_secret() -> None:
     assert str(cfg.bind_to) == "0.0.0.0:3128"
 
 
-# Every key of mtg-compat.md a.3 set: the "example" column where it has a value, otherwise
+# Every key of docs/mtg-compat.md a.3 set: the "example" column where it has a value, otherwise
 # mtg's commented-out example values (or a plausible value for keys the example lacks).
 MTG_EXAMPLE_TOML = f"""
 debug = true

@@ -182,7 +182,7 @@ def test_returns_fresh_lists() -> None:
     assert table.addresses(2, "prefer-ipv6") == [("127.0.0.1", 1)]
 
 
-# --- auto-updated addresses (auto-update, §5.4) ------------------------------------------------
+# --- auto-updated addresses (auto-update, docs/protocol.md §5.4) ----------------------------------
 
 AUTO_V4 = (("149.154.175.211", 8888), ("91.108.56.200", 8888), ("91.108.56.201", 8888))
 AUTO_V6 = (("2001:b28:f23d:f003::d", 8888),)

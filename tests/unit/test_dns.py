@@ -833,6 +833,58 @@ def test_http_reader_rejects(data: bytes) -> None:
         _parse(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "DNS-over-HTTPS server closed the connection early"),
+        (
+            b"SMTP ready\r\n\r\n",
+            "malformed HTTP status line from DNS-over-HTTPS server: 'SMTP ready'",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
+            "bad chunk size from DNS-over-HTTPS server: '0x5'",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n",
+            "DNS-over-HTTPS server closed the connection early",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab",
+            "DNS-over-HTTPS server closed the connection mid-body",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n",
+            "DNS-over-HTTPS answer too large: 70000 bytes",
+        ),
+    ],
+)
+def test_http_reader_speaks_of_the_doh_server(data: bytes, message: str) -> None:
+    with pytest.raises(mdns._QueryError) as info:
+        _parse(data)
+    assert str(info.value) == message
+
+
+def test_http_reader_keeps_a_kept_alive_connection_in_step() -> None:
+    """Trailers after the last chunk are consumed, so the next answer reads cleanly."""
+
+    async def main() -> list[tuple[int, Any, bytes]]:
+        reader = asyncio.StreamReader(limit=mdns._MAX_HTTP_HEAD)
+        reader.feed_data(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2;ext\r\nab\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\ncd"
+        )
+        reader.feed_eof()
+        return [await mdns._read_http_response(reader) for _ in range(3)]
+
+    first, second, third = run(main())
+    assert (first[0], first[2]) == (200, b"ab")
+    assert (second[0], second[2]) == (204, b"")
+    assert (third[0], third[2]) == (200, b"cd")
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.one_of(

@@ -1,4 +1,4 @@
-"""FakeTLS server side (protocol.md §2, §3): ClientHello, ServerHello, record layer.
+"""FakeTLS server side (docs/protocol.md §2, §3): ClientHello, ServerHello, record layer.
 
 Uses mtg's ClientHello snapshots (tests/vectors/mtg, see tests/vectors/README.md) and
 mirrors the cases of mtg's client_side_test.go, plus our own synthetic hellos signed the way

@@ -21,10 +21,15 @@ from mtgworkers.config import KeepAlive, Network, ProxyURL, Timeouts
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import make_resolver
 from mtgworkers.net.http import (
+    MAX_HEADER_LINES,
+    MAX_INTERIM,
     USER_AGENT,
     HTTPError,
     HTTPResponse,
+    ResponseError,
+    Wording,
     http_get,
+    read_response,
     redact_url,
     url_fetcher,
 )
@@ -608,3 +613,171 @@ def test_random_answers_give_responses_or_http_errors(prefix: bytes, data: bytes
         run(main())
     finally:
         peer.close()
+
+
+# --- read_response on its own (no sockets) ------------------------------------------------
+
+
+def read(data: bytes, *, limit: int = 64 * 1024, **kwargs: Any) -> HTTPResponse:
+    """read_response over a stream that holds ``data`` and then ends."""
+
+    async def main() -> HTTPResponse:
+        stream = asyncio.StreamReader(limit=limit)
+        stream.feed_data(data)
+        stream.feed_eof()
+        kwargs.setdefault("max_body", 1000)
+        return await read_response(stream, **kwargs)
+
+    return run(main())
+
+
+def read_error(data: bytes, **kwargs: Any) -> ResponseError:
+    with pytest.raises(ResponseError) as info:
+        read(data, **kwargs)
+    return info.value
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_reader_leaves_the_stream_at_the_next_answer() -> None:
+    """Trailers are consumed: a kept-alive connection's next answer reads cleanly."""
+
+    async def main() -> list[HTTPResponse]:
+        stream = asyncio.StreamReader()
+        stream.feed_data(
+            CHUNKED + b"3;ext=1;x\r\nabc\r\n0;last\r\nX-Sum: 1\r\nX-More: 2\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + CHUNKED + b"0\r\n\r\n"
+        )
+        stream.feed_eof()
+        return [await read_response(stream, max_body=100) for _ in range(3)]
+
+    first, second, third = run(main())
+    assert first.body == b"abc"
+    assert "x-sum" not in first.headers  # trailers are dropped
+    assert (second.status, second.body) == (200, b"ok")
+    assert third.body == b""
+
+
+def test_reader_framing_rules() -> None:
+    # chunked wins over Content-Length; a body whose last coding is not chunked has no
+    # framing we could find the end of
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert read(both + b"2\r\nhi\r\n0\r\n\r\n").body == b"hi"
+    assert read_error(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").kind == (
+        "bad_encoding"
+    )
+    # 204 and 304 have no body even when more bytes follow
+    assert read(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n").body == b""
+    # bare LF line endings are tolerated; hex chunk sizes in either case
+    lf_only = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\nA\r\n0123456789\r\n0\n\n"
+    assert read(lf_only).body == b"0123456789"
+    assert read(CHUNKED + b"a\r\n0123456789\r\n0\r\n\r\n").body == b"0123456789"
+    assert read(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").body == b""
+    assert read(b"HTTP/1.1 200 OK\r\n\r\n").body == b""  # to the end of the stream
+
+
+def test_reader_interim_answers() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    response = read(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert (response.status, response.body) == (200, b"x")
+    assert "link" not in response.headers  # the interim answer's fields are not kept
+    many = b"HTTP/1.1 100 Continue\r\n\r\n" * MAX_INTERIM
+    assert read(many + b"HTTP/1.1 200 OK\r\n\r\n").status == 200
+    error = read_error(many + b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
+    assert (error.kind, str(error)) == (
+        "many_interim",
+        f"more than {MAX_INTERIM} interim (1xx) answers",
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "message"),
+    [
+        (b"", "no_answer", "connection closed without an answer"),
+        (b"HTTP/1.1 2", "closed", "connection closed inside the status line"),
+        (b"HTTP/1.1 200 OK\r\nA: 1", "closed", "connection closed inside the headers"),
+        (CHUNKED + b"5;ext=1\r\nab", "closed", "connection closed inside the chunked body"),
+        (CHUNKED + b"5\r\nabcde", "closed", "connection closed inside the chunked body"),
+        (CHUNKED + b"5\r\nabcde\r\n", "closed", "connection closed inside the chunked body"),
+        (CHUNKED + b"0\r\n", "closed", "connection closed inside the trailers"),
+        (CHUNKED + b"0\r\nX-T: 1\r\n", "closed", "connection closed inside the trailers"),
+        (CHUNKED + b"0\r\nbroken\r\n\r\n", "bad_header", "malformed header line 'broken'"),
+        (CHUNKED + b"zz\r\n", "bad_chunk_size", "bad chunk size 'zz'"),
+        (CHUNKED + b"\r\n", "bad_chunk_size", "bad chunk size ''"),
+        (CHUNKED + b"-1\r\n", "bad_chunk_size", "bad chunk size '-1'"),
+        (CHUNKED + b"+1\r\n", "bad_chunk_size", "bad chunk size '+1'"),
+        (CHUNKED + b"1 1\r\n", "bad_chunk_size", "bad chunk size '1 1'"),
+        (CHUNKED + b"1" * 17 + b"\r\n", "bad_chunk_size", "bad chunk size '11111111111111111'"),
+        (CHUNKED + b"3\r\nabcX\r\n", "bad_chunk_end", "malformed chunked body"),
+        (CHUNKED + b"3\r\nabc\n0\r\n\r\n", "bad_chunk_end", "malformed chunked body"),
+        (CHUNKED + b"3e9\r\n", "body_over_limit", "body too large: more than 1000 bytes"),
+        (
+            CHUNKED + b"3e8\r\n" + b"x" * 1000 + b"\r\n1\r\n",
+            "body_over_limit",
+            "body too large: more than 1000 bytes",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1001\r\n\r\n",
+            "body_too_large",
+            "body too large: 1001 bytes (at most 1000)",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc",
+            "truncated",
+            "connection closed after 3 of 9 body bytes",
+        ),
+        (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1001, "body_over_limit", "more than 1000 bytes"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", "bad_length", "'+5'"),
+        (b"HTTP/2 200\r\n\r\n", "bad_status", "malformed HTTP response 'HTTP/2 200'"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "bad_status", "malformed HTTP response"),
+        (b"HTTP/1.1 200 OK\r\n: no name\r\n\r\n", "bad_header", "malformed header line"),
+    ],
+)
+def test_reader_failures(data: bytes, kind: str, message: str) -> None:
+    error = read_error(data)
+    assert error.kind == kind
+    assert message in str(error)
+
+
+def test_reader_head_limits() -> None:
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADER_LINES))
+    assert len(read(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n").headers) == MAX_HEADER_LINES
+    error = read_error(b"HTTP/1.1 200 OK\r\n" + fields + b"X-Y: 1\r\n\r\n")
+    assert (error.kind, str(error)) == ("many_lines", "more than 100 header lines")
+    # the byte limit covers the status line and the headers together, and the trailers
+    head = b"HTTP/1.1 200 OK\r\nX: " + b"a" * 80 + b"\r\n\r\n"
+    assert read(head, max_head=len(head)).status == 200
+    error = read_error(head, max_head=len(head) - 1)
+    assert (error.kind, str(error)) == ("long_head", f"headers longer than {len(head) - 1} bytes")
+    trailers = CHUNKED + b"0\r\nX: " + b"a" * 200 + b"\r\n\r\n"
+    assert read_error(trailers, max_head=100).kind == "long_head"
+    # one line is bounded by the stream's own limit
+    error = read_error(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 300 + b"\r\n\r\n", limit=128)
+    assert (error.kind, str(error)) == ("long_line", "line too long in the headers")
+    error = read_error(CHUNKED + b"1" + b" " * 300 + b"\r\n", limit=128)
+    assert (error.kind, str(error)) == ("long_line", "line too long in the chunked body")
+
+
+def test_reader_speaks_in_the_callers_words() -> None:
+    wording = Wording(bad_chunk_size="peer sent chunk size {line}", closed="peer hung up ({part})")
+    assert str(read_error(CHUNKED + b"q\r\n", wording=wording)) == "peer sent chunk size 'q'"
+    assert str(read_error(CHUNKED + b"0\r\n", wording=wording)) == "peer hung up (trailers)"
+    # the fields it does not replace keep the default words
+    assert str(read_error(b"", wording=wording)) == "connection closed without an answer"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefix=st.sampled_from([b"", CHUNKED, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"]),
+    data=st.binary(max_size=200),
+)
+def test_reader_random_input_gives_answers_or_response_errors(prefix: bytes, data: bytes) -> None:
+    try:
+        response = read(prefix + data, limit=256, max_body=64, max_head=512)
+    except ResponseError as exc:
+        assert exc.kind in Wording.__dataclass_fields__
+    else:
+        assert 200 <= response.status <= 999
+        assert len(response.body) <= 64
+        assert all(key == key.lower() for key in response.headers)

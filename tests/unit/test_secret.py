@@ -1,4 +1,4 @@
-"""Secret parsing and formatting (protocol.md §1), including mtg's own test vector."""
+"""Secret parsing and formatting (docs/protocol.md §1), including mtg's own test vector."""
 
 from __future__ import annotations
 

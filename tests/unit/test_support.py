@@ -1,7 +1,7 @@
 """Self-tests of the e2e kit (tests/support): no proxy needed.
 
 The kit is a second, independent implementation of the client and DC sides of the
-protocol; these tests pin it to protocol.md and to mtg's own vectors so that an e2e
+protocol; these tests pin it to docs/protocol.md and to mtg's own vectors so that an e2e
 failure points at the proxy, not at the kit.
 """
 
@@ -64,7 +64,7 @@ def b64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
-# -- an independent reading of a ClientHello (protocol.md §3.2) -------------------------
+# -- an independent reading of a ClientHello (docs/protocol.md §3.2) -------------------------
 @dataclass
 class ParsedHello:
     random: bytes
@@ -76,7 +76,7 @@ class ParsedHello:
 
 
 def parse_hello(record: bytes) -> ParsedHello:
-    """Minimal ClientHello parser written in the test, per protocol.md §3.1-3.2."""
+    """Minimal ClientHello parser written in the test, per docs/protocol.md §3.1-3.2."""
     assert record[0:3] == b"\x16\x03\x01"
     assert int.from_bytes(record[3:5], "big") == len(record) - 5
     assert record[5] == 0x01
@@ -115,7 +115,7 @@ def parse_hello(record: bytes) -> ParsedHello:
 
 
 def independent_timestamp(record: bytes, key: bytes) -> int | None:
-    """protocol.md §3.3, restated here without using the kit's helper."""
+    """docs/protocol.md §3.3, restated here without using the kit's helper."""
     canon = record[:11] + b"\x00" * 32 + record[43:]
     mac = hmac.new(key, canon, hashlib.sha256).digest()
     x = bytes(a ^ b for a, b in zip(mac, record[11:43], strict=True))
@@ -183,7 +183,7 @@ def test_built_hello_options() -> None:
     assert list(DEFAULT_CIPHERS[:3]) == [0x1301, 0x1302, 0x1303]
 
 
-# -- ServerHello verification (protocol.md §3.7, built independently here) ---------------
+# -- ServerHello verification (docs/protocol.md §3.7, built independently here) ---------------
 def build_welcome(key: bytes, client_random: bytes, sid: bytes, suite: int, noise: int) -> bytes:
     sh = (
         b"\x03\x03"
