@@ -43,6 +43,8 @@ from supervisor.listeners import ListenError, bind_slot_socket, tcp_migrate_req
 from supervisor.notify import Notifier
 from supervisor.pidfile import PidFileError, remove_pid_file, write_pid_file
 from supervisor.procstats import Sample, Sampler
+from supervisor.signals import CAUGHT_SIGNALS, SUPERVISOR_SIGNALS
+from supervisor.states import WorkerState
 from supervisor.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
@@ -72,18 +74,6 @@ RSS_MIN_AGE = 2.0
 CELLS = 4 * config_module.MAX_WORKERS
 MAX_QUEUED_SIGNALS = 10
 
-SIGNAL_NAMES = {
-    signal.SIGHUP: "hup",
-    signal.SIGTERM: "term",
-    signal.SIGINT: "int",
-    signal.SIGQUIT: "quit",
-    signal.SIGTTIN: "ttin",
-    signal.SIGTTOU: "ttou",
-    signal.SIGUSR1: "usr1",
-    signal.SIGUSR2: "usr2",
-}
-
-BOOTING, READY, RETIRING = "booting", "ready", "retiring"
 STARTING, RUNNING, STOPPING, QUITTING = "starting", "running", "stopping", "quitting"
 
 
@@ -113,7 +103,7 @@ class WorkerProcess:
     config: Config
     report_fd: int
     spawned_at: float  # monotonic
-    state: str = BOOTING
+    state: WorkerState = WorkerState.BOOTING
     ready_at: float | None = None
     kill_at: float | None = None  # monotonic; SIGKILL when still alive then
     killed: bool = False
@@ -236,7 +226,7 @@ class Arbiter:
             os.set_blocking(fd, False)
         self._life_r, self._life_w = os.pipe()
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in (*SIGNAL_NAMES, signal.SIGCHLD):
+        for signum in CAUGHT_SIGNALS:
             signal.signal(signum, self._on_signal)
         _log.info(
             "supervisor started",
@@ -261,7 +251,7 @@ class Arbiter:
         for worker in self.workers.values():
             if worker.kill_at is not None and not worker.killed:
                 deadline = min(deadline, worker.kill_at)
-            if worker.state == BOOTING and not worker.killed:
+            if worker.state == WorkerState.BOOTING and not worker.killed:
                 deadline = min(deadline, worker.spawned_at + BOOT_TIMEOUT)
         for slot in self.slots.values():
             if slot.respawn_at > now:
@@ -286,7 +276,7 @@ class Arbiter:
     def handle_signals(self) -> None:
         while self.signal_queue:
             signum = self.signal_queue.pop(0)
-            name = SIGNAL_NAMES.get(signal.Signals(signum))
+            name = SUPERVISOR_SIGNALS.get(signal.Signals(signum))
             if name is not None:
                 _log.info("signal received", extra={"signal": signal.Signals(signum).name})
                 getattr(self, f"handle_{name}")()
@@ -376,7 +366,7 @@ class Arbiter:
         self._drop_pending()
         self._close_slots()
         for worker in list(self.workers.values()):
-            if worker.state != RETIRING:
+            if worker.state != WorkerState.RETIRING:
                 self.retire(worker, timeout)
 
     def quit(self) -> None:
@@ -391,7 +381,7 @@ class Arbiter:
         self._close_slots()
         deadline = time.monotonic() + QUIT_TIMEOUT
         for worker in list(self.workers.values()):
-            worker.state = RETIRING
+            worker.state = WorkerState.RETIRING
             worker.kill_at = min(worker.kill_at or deadline, deadline)
             self._signal(worker, signal.SIGQUIT)
 
@@ -405,10 +395,10 @@ class Arbiter:
     def retire(self, worker: WorkerProcess, timeout: float) -> None:
         """SIGTERM ``worker``: it stops accepting and drains for up to ``timeout`` seconds."""
         assert self.scoreboard is not None
-        worker.state = RETIRING
+        worker.state = WorkerState.RETIRING
         worker.kill_at = time.monotonic() + timeout + KILL_MARGIN
         self.scoreboard.set_drain_timeout(worker.cell, timeout)
-        self.scoreboard.set_state(worker.cell, shm.RETIRING)
+        self.scoreboard.set_state(worker.cell, WorkerState.RETIRING)
         _log.info(
             "retiring worker",
             extra={"slot": worker.slot, "pid": worker.pid, "generation": worker.generation},
@@ -523,7 +513,7 @@ class Arbiter:
             self.replay = pending.replay
         timeout = self.config.supervisor.graceful_timeout
         for worker in list(self.workers.values()):
-            if worker.generation < self.generation and worker.state != RETIRING:
+            if worker.generation < self.generation and worker.state != WorkerState.RETIRING:
                 self.retire(worker, timeout)
         self._set_pid_file(self.config.supervisor.pid_file)
         if self.exporter is not None:
@@ -548,7 +538,7 @@ class Arbiter:
             return
         self.pending = None
         for worker in list(self.workers.values()):
-            if worker.generation == pending.generation and worker.state != RETIRING:
+            if worker.generation == pending.generation and worker.state != WorkerState.RETIRING:
                 self.retire(worker, self.config.supervisor.graceful_timeout)
         for sock in pending.sockets.values():
             sock.close()
@@ -588,7 +578,9 @@ class Arbiter:
 
     def _generation_ready(self, generation: int, count: int) -> bool:
         ready = {
-            w.slot for w in self.workers.values() if w.generation == generation and w.state == READY
+            w.slot
+            for w in self.workers.values()
+            if w.generation == generation and w.state == WorkerState.READY
         }
         return ready.issuperset(range(count))
 
@@ -643,14 +635,16 @@ class Arbiter:
 
     def _has_worker(self, index: int, generation: int) -> bool:
         return any(
-            w.slot == index and w.generation == generation and w.state in (BOOTING, READY)
+            w.slot == index
+            and w.generation == generation
+            and w.state in (WorkerState.BOOTING, WorkerState.READY)
             for w in self.workers.values()
         )
 
     def _remove_slot(self, index: int) -> None:
         slot = self.slots.pop(index)
         for worker in list(self.workers.values()):
-            if worker.slot == index and worker.state != RETIRING:
+            if worker.slot == index and worker.state != WorkerState.RETIRING:
                 self.retire(worker, self.config.supervisor.graceful_timeout)
         slot.sock.close()
         _log.info(
@@ -772,11 +766,11 @@ class Arbiter:
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         assert self.scoreboard is not None
-        if worker.state != BOOTING:
+        if worker.state != WorkerState.BOOTING:
             return
-        worker.state = READY
+        worker.state = WorkerState.READY
         worker.ready_at = time.monotonic()
-        self.scoreboard.set_state(worker.cell, shm.READY)
+        self.scoreboard.set_state(worker.cell, WorkerState.READY)
         _log.info(
             "worker is ready",
             extra={
@@ -788,7 +782,7 @@ class Arbiter:
         )
         if worker.replaces is not None:
             old = self.workers.get(worker.replaces)
-            if old is not None and old.state != RETIRING:
+            if old is not None and old.state != WorkerState.RETIRING:
                 self.retire(old, self.config.supervisor.graceful_timeout)
 
     def reap_workers(self) -> None:
@@ -824,7 +818,7 @@ class Arbiter:
             "generation": worker.generation,
             "status": how,
         }
-        if worker.state == RETIRING or self.state in (STOPPING, QUITTING):
+        if worker.state == WorkerState.RETIRING or self.state in (STOPPING, QUITTING):
             _log.info("worker exited", extra=fields)
             return
         pending = self.pending
@@ -832,7 +826,7 @@ class Arbiter:
             old = self.workers.get(worker.replaces)
             if old is not None:
                 old.replaced_by = None
-        if worker.state == BOOTING:
+        if worker.state == WorkerState.BOOTING:
             reason = worker.error or f"it ended with {how} before it was ready"
             message = f"worker {worker.slot} cannot start: {reason}"
             if pending is not None and worker.generation == pending.generation:
@@ -873,7 +867,7 @@ class Arbiter:
         for worker in list(self.workers.values()):
             if worker.killed:
                 continue
-            if worker.state == BOOTING and now - worker.spawned_at > BOOT_TIMEOUT:
+            if worker.state == WorkerState.BOOTING and now - worker.spawned_at > BOOT_TIMEOUT:
                 worker.error = f"it did not report ready within {BOOT_TIMEOUT:g} s"
             elif worker.kill_at is None or now < worker.kill_at:
                 continue
@@ -903,7 +897,7 @@ class Arbiter:
                 if (
                     sample is not None
                     and sample.rss > limit
-                    and worker.state == READY
+                    and worker.state == WorkerState.READY
                     and worker.generation == self.generation
                     and worker.replaced_by is None
                     and worker.ready_at is not None
@@ -965,7 +959,7 @@ class Arbiter:
         retiring_workers = retiring_sessions = 0
         for worker in self.workers.values():
             sessions = self.scoreboard.sessions(worker.cell)
-            if worker.state == RETIRING:
+            if worker.state == WorkerState.RETIRING:
                 retiring_workers += 1
                 retiring_sessions += sessions
             else:
@@ -1008,7 +1002,7 @@ class Arbiter:
         self._close_slots()
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
-            for signum in (*SIGNAL_NAMES, signal.SIGCHLD):
+            for signum in CAUGHT_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
         for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
             if fd >= 0:

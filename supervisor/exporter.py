@@ -86,6 +86,8 @@ from mtgworkers.stats.prometheus import (
     reap_dead_workers,
     remove_multiproc_dir,
 )
+from supervisor.signals import IGNORED_SIGNALS, STOP_SIGNALS
+from supervisor.states import WORKER_STATES, WorkerState
 
 if TYPE_CHECKING:
     from mtgworkers.config import Prometheus
@@ -127,17 +129,6 @@ RESTART_SIGNAL: Final = "signal"  # a worker was killed by a signal (OOM killer,
 RESTART_MAX_RSS: Final = "max_rss"  # replaced for exceeding [supervisor] worker-max-rss
 RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS)
 RELOAD_RESULTS: Final = ("success", "failure")
-WORKER_STATES: Final = ("booting", "ready", "retiring")
-
-# Signals a supervised exporter ignores (the same set as the workers).
-IGNORED_SIGNALS: Final = (
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 TEXT_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE: Final = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -245,7 +236,7 @@ class WorkerStats:
 
     slot: int
     pid: int
-    state: str  # booting, ready, retiring
+    state: WorkerState
     sessions: int
     rss: int | None  # bytes; None until the supervisor sampled it
     cpu_seconds: float | None
@@ -805,7 +796,7 @@ def run_exporter(
     server = _MetricsServer(sock, scraper, http_path)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        stopping = [signal.SIGTERM, signal.SIGQUIT]
+        stopping = list(STOP_SIGNALS)
         if parent_pid is None:
             stopping.append(signal.SIGINT)
         else:

@@ -29,6 +29,7 @@ Scoreboard layout (all integers little-endian, offsets in bytes)::
                                    4  u32 slot (the listening socket the worker accepts on)
                                    8  u32 generation (+1 on every reload)
                                   12  u32 state: 0 free, 1 booting, 2 ready, 3 retiring
+                                      (``supervisor.states.WorkerState.code``)
                                   16  f64 started_at (Unix time)
                                   24  f64 drain_timeout: seconds the worker may drain when it
                                       gets SIGTERM (set before the signal; 0 = its config's
@@ -76,15 +77,14 @@ import os
 import re
 import secrets
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Final
 
 from mtgworkers.defense.antireplay import StableBloomFilter
-from mtgworkers.proc import pid_alive
+from mtgworkers.proc import pid_alive, shm_dir
+from supervisor.states import WorkerState
 
 __all__ = [
-    "CELL_STATES",
     "LockedReplayFilter",
     "ReplayCache",
     "Scoreboard",
@@ -94,7 +94,6 @@ __all__ = [
     "remove_stale_segments",
 ]
 
-SHM_DIR: Final = "/dev/shm"
 PREFIX: Final = "mtgworkers-"
 _NAME_RE = re.compile(r"mtgworkers-(\d+)-[0-9a-f]{16}-[a-z]+\Z")
 
@@ -112,14 +111,6 @@ _SAMPLE_OFFSET: Final = 32
 _STATE_OFFSET: Final = 12
 assert _HEADER.size == HEADER_SIZE
 assert _RECORD_IDENTITY.size == 24 and _SAMPLE_OFFSET + _RECORD_SAMPLE.size == 80
-
-FREE, BOOTING, READY, RETIRING = 0, 1, 2, 3
-CELL_STATES: Final = ("free", "booting", "ready", "retiring")
-
-
-def shm_dir() -> str:
-    """Where segments live: /dev/shm when it exists (RAM), else the temp directory."""
-    return SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
 
 
 class Segment:
@@ -218,7 +209,7 @@ class WorkerRecord:
     pid: int
     slot: int
     generation: int
-    state: str  # one of CELL_STATES
+    state: WorkerState  # never FREE
     started_at: float
     sessions: int
     rss: int
@@ -297,7 +288,7 @@ class Scoreboard:
             raise LookupError(f"all {self.cells} worker cells are in use")
         cell = self._free.pop()
         self._sessions[cell] = 0
-        self._write_record(cell, 0, slot, generation, BOOTING, started_at)
+        self._write_record(cell, 0, slot, generation, WorkerState.BOOTING, started_at)
         if cell + 1 > self._hwm[0]:
             self._hwm[0] = cell + 1
         return cell
@@ -307,10 +298,10 @@ class Scoreboard:
         offset = cell * RECORD_SIZE
         self._records[offset : offset + 4] = _U32.pack(pid)
 
-    def set_state(self, cell: int, state: int) -> None:
+    def set_state(self, cell: int, state: WorkerState) -> None:
         """Record a worker's state (BOOTING, READY, RETIRING)."""
         offset = cell * RECORD_SIZE + _STATE_OFFSET
-        self._records[offset : offset + 4] = _U32.pack(state)
+        self._records[offset : offset + 4] = _U32.pack(state.code)
 
     def set_drain_timeout(self, cell: int, seconds: float) -> None:
         """Tell the worker of ``cell`` how long to drain on SIGTERM (set before sending it)."""
@@ -343,12 +334,18 @@ class Scoreboard:
         self._free.sort(reverse=True)
 
     def _write_record(
-        self, cell: int, pid: int, slot: int, generation: int, state: int, started_at: float
+        self,
+        cell: int,
+        pid: int,
+        slot: int,
+        generation: int,
+        state: WorkerState,
+        started_at: float,
     ) -> None:
         offset = cell * RECORD_SIZE
         self._records[offset : offset + RECORD_SIZE] = bytes(RECORD_SIZE)
         self._records[offset : offset + _RECORD_IDENTITY.size] = _RECORD_IDENTITY.pack(
-            pid, slot, generation, state, started_at
+            pid, slot, generation, state.code, started_at
         )
 
     # -- both sides ------------------------------------------------------------------------
@@ -371,10 +368,14 @@ class Scoreboard:
         result = []
         for cell in range(self._hwm[0]):
             offset = cell * RECORD_SIZE
-            pid, slot, generation, state, started_at = _RECORD_IDENTITY.unpack(
+            pid, slot, generation, code, started_at = _RECORD_IDENTITY.unpack(
                 self._records[offset : offset + _RECORD_IDENTITY.size]
             )
-            if state == FREE:
+            try:
+                state = WorkerState.from_code(code)
+            except ValueError:  # not written by this layout version: nothing to show
+                continue
+            if state is WorkerState.FREE:
                 continue
             rss, cpu_user, cpu_system, cpu_percent, fds, sampled_at = _RECORD_SAMPLE.unpack(
                 self._records[offset + _SAMPLE_OFFSET : offset + _SAMPLE_OFFSET + 48]
@@ -385,7 +386,7 @@ class Scoreboard:
                     pid=pid,
                     slot=slot,
                     generation=generation,
-                    state=CELL_STATES[state] if state < len(CELL_STATES) else str(state),
+                    state=state,
                     started_at=started_at,
                     sessions=int(self._sessions[cell]),
                     rss=rss,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from mtgworkers.defense.antireplay import NoopFilter
+from supervisor.signals import CAUGHT_SIGNALS, IGNORED_SIGNALS
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -50,16 +51,6 @@ WORKER_BOOT_ERROR = 3  # could not start serving; the reason went to the report 
 
 PR_SET_PDEATHSIG = 1
 PARENT_CHECK_EVERY = 1.0
-
-# Signals that a worker must survive although they are not for it.
-IGNORED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 _log = logging.getLogger("mtgworkers.worker")
 
@@ -105,10 +96,8 @@ def _detach_from_supervisor(spec: WorkerSpec) -> None:
     """Undo what the child inherited from the supervisor that a worker must not have."""
     # The supervisor's signal handlers only enqueue and wake the supervisor's own loop.
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    for signum in IGNORED_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    for signum in CAUGHT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spec.supervisor_pid:  # it died before prctl() took effect
         os._exit(0)

@@ -38,6 +38,7 @@ from supervisor.exporter import (
     restart_reason,
     run_exporter,
 )
+from supervisor.states import WorkerState
 from tests.stats.helpers import parse, scrape, scrape_series, value, wait_until
 
 
@@ -153,14 +154,14 @@ def test_pool_metrics_from_shared_memory(metrics_dir: str, tmp_path: Path) -> No
     try:
         ready = board.claim(0, 1, time.time())
         board.set_pid(ready, 4242)
-        board.set_state(ready, shm.READY)
+        board.set_state(ready, WorkerState.READY)
         board.set_sample(
             ready, rss=50 << 20, cpu_user=1.5, cpu_system=0.25, cpu_percent=3, fds=17, sampled_at=1
         )
         booting = board.claim(1, 2, time.time())  # forked a moment ago: PID not set yet
         retiring = board.claim(0, 1, time.time())
         board.set_pid(retiring, 4343)
-        board.set_state(retiring, shm.RETIRING)
+        board.set_state(retiring, WorkerState.RETIRING)
         board.limiter(retiring, 100).try_acquire()
         counters.worker_restarted(restart_reason(-9))
         counters.worker_restarted(restart_reason(1))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from supervisor import shm
 from supervisor.notify import Notifier
 from supervisor.pidfile import PidFileError, read_pid_file, remove_pid_file, write_pid_file
+from supervisor.states import WorkerState
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
     assert os.path.getsize(board.path) == 64 + 8 * (8 + 128)
     cell = board.claim(slot=5, generation=7, started_at=1700000000.5)
     board.set_pid(cell, 4242)
-    board.set_state(cell, shm.READY)
+    board.set_state(cell, WorkerState.READY)
     board.set_drain_timeout(cell, 12.5)
     board.set_sample(
         cell, rss=123456, cpu_user=1.5, cpu_system=0.25, cpu_percent=42.0, fds=17, sampled_at=9.0
@@ -71,6 +72,28 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
         sampled_at=9.0,
     )
     assert board.drain_timeout(cell) == 12.5
+
+
+def test_worker_states_are_their_names_and_keep_their_scoreboard_codes(
+    board: shm.Scoreboard,
+) -> None:
+    assert [(state.value, state.code) for state in WorkerState] == [
+        ("free", 0),
+        ("booting", 1),
+        ("ready", 2),
+        ("retiring", 3),
+    ]
+    for state in WorkerState:
+        assert WorkerState.from_code(state.code) is state
+        assert state == state.value and str(state) == f"{state}" == state.value
+    with pytest.raises(ValueError):
+        WorkerState.from_code(4)
+    cell = board.claim(slot=0, generation=1, started_at=0.0)
+    assert board.records()[0].state is WorkerState.BOOTING
+    board.set_state(cell, WorkerState.RETIRING)
+    record = 64 + 8 * 8 + 128 * cell
+    assert struct.unpack_from("<I", _raw(board), record + 12)[0] == 3
+    assert board.records()[0].state is WorkerState.RETIRING
 
 
 def test_cells_of_dead_workers_are_reset_and_reused(board: shm.Scoreboard) -> None:
