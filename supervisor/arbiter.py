@@ -5,10 +5,16 @@ C-level wake-up fd makes ``select`` return). The loop then, in order: dispatches
 signals to ``handle_<name>``; reaps dead workers (``waitpid(WNOHANG)``); completes the
 initial boot or a reload once every new worker reported ready; spawns or retires workers
 so each slot has one worker of the current generation (``manage_workers``); kills workers
-past their deadline (``murder_workers``); samples the workers' resources
+past their deadline or frozen (``murder_workers``); samples the workers' resources
 (``sample_workers``); and sleeps in ``select`` on the wake-up pipe and the workers'
 report pipes. The supervisor never runs an event loop or a thread: it forks workers from
 this loop, where no lock is held.
+
+Frozen workers: every worker's event loop bumps a heartbeat in its scoreboard record
+(``supervisor/worker.py``). A worker that reported ready (also once it is retiring) whose
+heartbeat is older than ``[supervisor] worker-timeout`` is killed with SIGKILL; when it
+is reaped, its slot gets a new worker like after any other death. A booting worker is
+judged by ``BOOT_TIMEOUT`` instead (before its loop runs there is no heartbeat to expect).
 
 Generations: the workers started together from one configuration. A reload (SIGHUP)
 starts generation N+1 next to N; once every worker of N+1 reported ready, N is retired
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
     from mtgworkers.config import Config
     from supervisor.exporter import Exporter
 
-__all__ = ["Arbiter", "SupervisorError", "resolve_workers"]
+__all__ = ["Arbiter", "SupervisorError", "heartbeat_expired", "resolve_workers"]
 
 _log = logging.getLogger("supervisor")
 
@@ -70,6 +76,10 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 # worker-max-rss is judged only on workers that have been ready this long.
 RSS_MIN_AGE = 2.0
+# Two heartbeat checks this far apart mean the supervisor itself did not run (stopped with
+# its process group, starved): the workers' heartbeats are then judged from that moment,
+# since a worker resumed with it may not have run its loop yet.
+SUPERVISOR_STALL = 3.0
 # Scoreboard cells: one per worker process alive at once (all generations still draining).
 CELLS = 4 * config_module.MAX_WORKERS
 MAX_QUEUED_SIGNALS = 10
@@ -107,6 +117,7 @@ class WorkerProcess:
     ready_at: float | None = None
     kill_at: float | None = None  # monotonic; SIGKILL when still alive then
     killed: bool = False
+    unresponsive: bool = False  # killed for worker-timeout
     error: str | None = None  # why it could not boot (report pipe or boot timeout)
     replaces: int | None = None  # worker-max-rss: pid this one takes over from
     replaced_by: int | None = None
@@ -163,6 +174,8 @@ class Arbiter:
         self.exporter: Exporter | None = None  # [stats.prometheus]: the metrics process
         self._wake_r = self._wake_w = self._life_r = self._life_w = -1
         self._next_sample = 0.0
+        self._last_liveness_check = 0.0
+        self._liveness_since = 0.0  # heartbeats older than this count from here
         self._status = ""
 
     # -- main loop -------------------------------------------------------------------------
@@ -332,6 +345,7 @@ class Arbiter:
         self._refresh_samples()
         assert self.scoreboard is not None
         records = self.scoreboard.records()
+        now = time.monotonic()
         _log.warning(
             "worker status",
             extra={
@@ -347,6 +361,7 @@ class Arbiter:
                         "rss": record.rss,
                         "cpu_percent": round(record.cpu_percent, 1),
                         "fds": record.fds,
+                        "heartbeat_age": round(now - record.heartbeat, 3),
                     }
                     for record in records
                 ],
@@ -853,31 +868,66 @@ class Arbiter:
             delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (recent - FREE_RESTARTS - 1))
         slot.respawn_at = now + delay
         if self.exporter is not None:
-            from supervisor.exporter import restart_reason
+            from supervisor.exporter import RESTART_TIMEOUT, restart_reason
 
-            self.exporter.worker_restarted(restart_reason(code))
+            reason = RESTART_TIMEOUT if worker.unresponsive else restart_reason(code)
+            self.exporter.worker_restarted(reason)
         _log.warning(
             "worker died; starting a new one",
             extra={**fields, "restart_in": delay, "deaths_last_minute": recent},
         )
 
     def murder_workers(self) -> None:
-        """SIGKILL workers past their deadline: retiring too long, or not booting."""
+        """SIGKILL workers past their deadline: retiring too long, not booting, or frozen
+        (no heartbeat for worker-timeout)."""
+        assert self.scoreboard is not None
         now = time.monotonic()
+        since = self._heartbeats_count_since(now)
         for worker in list(self.workers.values()):
             if worker.killed:
                 continue
+            heartbeat = self.scoreboard.heartbeat(worker.cell)
             if worker.state == WorkerState.BOOTING and now - worker.spawned_at > BOOT_TIMEOUT:
                 worker.error = f"it did not report ready within {BOOT_TIMEOUT:g} s"
-            elif worker.kill_at is None or now < worker.kill_at:
-                continue
-            else:
+            elif worker.kill_at is not None and now >= worker.kill_at:
                 _log.warning(
                     "worker did not exit in time; killing it",
                     extra={"slot": worker.slot, "pid": worker.pid},
                 )
+            elif heartbeat_expired(
+                now=now,
+                heartbeat=heartbeat,
+                ready_at=worker.ready_at,
+                since=since,
+                timeout=worker.config.supervisor.worker_timeout,
+            ):
+                worker.unresponsive = True
+                _log.warning(
+                    "worker stopped responding; killing it",
+                    extra={
+                        "slot": worker.slot,
+                        "pid": worker.pid,
+                        "generation": worker.generation,
+                        "state": worker.state,
+                        "heartbeat_age": round(now - heartbeat, 3),
+                        "worker_timeout": worker.config.supervisor.worker_timeout,
+                    },
+                )
+            else:
+                continue
             worker.killed = True
             self._signal(worker, signal.SIGKILL)
+
+    def _heartbeats_count_since(self, now: float) -> float:
+        """From when heartbeats are judged: the start, or the last stall of this loop."""
+        last, self._last_liveness_check = self._last_liveness_check, now
+        if last and now - last > SUPERVISOR_STALL:
+            self._liveness_since = now
+            _log.warning(
+                "the supervisor did not run for a while; worker heartbeats are judged from now",
+                extra={"seconds": round(now - last, 3)},
+            )
+        return self._liveness_since
 
     # -- resources and status --------------------------------------------------------------
 
@@ -1021,6 +1071,21 @@ class Arbiter:
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self.pid)
             self.pid_file = None
+
+
+def heartbeat_expired(
+    *, now: float, heartbeat: float, ready_at: float | None, since: float, timeout: float
+) -> bool:
+    """True when a worker is frozen: no heartbeat for more than ``timeout`` seconds.
+
+    All times are ``time.monotonic()`` seconds. Only a worker that reported ready
+    (``ready_at``) is judged: before that it may still be importing, before its loop runs
+    (``BOOT_TIMEOUT`` covers booting). Time before ``ready_at`` and before ``since`` (when
+    the supervisor's own loop resumed after a stall) does not count against it.
+    """
+    if ready_at is None:
+        return False
+    return now - max(heartbeat, ready_at, since) > timeout
 
 
 def _unreloadable(old: Config, new: Config) -> str | None:

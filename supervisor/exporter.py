@@ -49,12 +49,12 @@ aligned single stores, so a reader never sees a torn value)::
 
     offset  size  field
          0     8  magic b"MTGWPOOL"
-         8     4  u32 layout version (1)
+         8     4  u32 layout version (2)
         12     4  reserved, 0
         16     8  f64 supervisor start time (Unix time)
-        24    24  u64 worker restarts by reason: exit, signal, max_rss
-        48    16  u64 reloads by result: success, failure
-        64        (end)
+        24    32  u64 worker restarts by reason: exit, signal, max_rss, timeout
+        56    16  u64 reloads by result: success, failure
+        72        (end)
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ HEALTHY_AFTER: Final = 60.0
 RESTART_EXIT: Final = "exit"  # a worker exited by itself (crash, unexpected exit status)
 RESTART_SIGNAL: Final = "signal"  # a worker was killed by a signal (OOM killer, kill -9)
 RESTART_MAX_RSS: Final = "max_rss"  # replaced for exceeding [supervisor] worker-max-rss
-RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS)
+RESTART_TIMEOUT: Final = "timeout"  # killed: no heartbeat for [supervisor] worker-timeout
+RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS, RESTART_TIMEOUT)
 RELOAD_RESULTS: Final = ("success", "failure")
 
 TEXT_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -141,8 +142,8 @@ class ExporterError(Exception):
 # -- pool statistics -----------------------------------------------------------------------
 
 POOL_MAGIC: Final = b"MTGWPOOL"
-POOL_VERSION: Final = 1
-POOL_SIZE: Final = 64
+POOL_VERSION: Final = 2
+POOL_SIZE: Final = 72
 _POOL_HEADER = struct.Struct("<8sII")
 _RESTARTS_AT: Final = 3  # index of the first restart counter, in u64 words
 _RELOADS_AT: Final = _RESTARTS_AT + len(RESTART_REASONS)
@@ -665,7 +666,7 @@ def pool_families(prefix: str, snapshot: PoolSnapshot) -> list[Family]:
             Family(
                 p + "worker_restarts",
                 "counter",
-                "Workers restarted by the supervisor, by reason (exit, signal, max_rss).",
+                "Workers restarted by the supervisor, by reason (exit, signal, max_rss, timeout).",
                 [((("reason", r),), float(snapshot.restarts.get(r, 0))) for r in RESTART_REASONS],
             ),
             Family(

@@ -167,6 +167,7 @@ def test_pool_metrics_from_shared_memory(metrics_dir: str, tmp_path: Path) -> No
         counters.worker_restarted(restart_reason(1))
         counters.worker_restarted("max_rss")
         counters.worker_restarted("signal")
+        counters.worker_restarted("timeout")
         counters.reload_finished(True)
         counters.reload_finished(False)
         counters.reload_finished(True)
@@ -193,6 +194,7 @@ def test_pool_metrics_from_shared_memory(metrics_dir: str, tmp_path: Path) -> No
     assert value(series, "mtg_worker_restarts_total", reason="signal") == 2
     assert value(series, "mtg_worker_restarts_total", reason="exit") == 1
     assert value(series, "mtg_worker_restarts_total", reason="max_rss") == 1
+    assert value(series, "mtg_worker_restarts_total", reason="timeout") == 1
     assert value(series, "mtg_reloads_total", result="success") == 2
     assert value(series, "mtg_reloads_total", result="failure") == 1
     assert value(series, "mtg_supervisor_start_time_seconds") == 1_700_000_000.5

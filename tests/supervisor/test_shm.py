@@ -38,7 +38,7 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
     assert os.path.basename(board.path).startswith(f"mtgworkers-{os.getpid()}-")
     assert os.stat(board.path).st_mode & 0o777 == 0o600
     assert os.path.getsize(board.path) == 64 + 8 * (8 + 128)
-    cell = board.claim(slot=5, generation=7, started_at=1700000000.5)
+    cell = board.claim(slot=5, generation=7, started_at=1700000000.5, heartbeat=100.25)
     board.set_pid(cell, 4242)
     board.set_state(cell, WorkerState.READY)
     board.set_drain_timeout(cell, 12.5)
@@ -54,7 +54,7 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
     record = 64 + 8 * 8 + 128 * cell
     assert struct.unpack_from("<IIIIdd", raw, record) == (4242, 5, 7, 2, 1700000000.5, 12.5)
     assert struct.unpack_from("<QdddI", raw, record + 32) == (123456, 1.5, 0.25, 42.0, 17)
-    assert struct.unpack_from("<d", raw, record + 72)[0] == 9.0
+    assert struct.unpack_from("<dd", raw, record + 72) == (9.0, 100.25)  # sampled_at, heartbeat
     (entry,) = board.records()
     assert entry == shm.WorkerRecord(
         cell=0,
@@ -70,8 +70,25 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
         cpu_percent=42.0,
         fds=17,
         sampled_at=9.0,
+        heartbeat=100.25,
     )
     assert board.drain_timeout(cell) == 12.5
+
+
+def test_heartbeat_is_set_at_claim_then_bumped_by_the_worker(board: shm.Scoreboard) -> None:
+    before = time.monotonic()
+    cell = board.claim(slot=0, generation=1, started_at=0.0)
+    assert before <= board.heartbeat(cell) <= time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # a worker: writes its heartbeat through the inherited mapping
+        board.beat(cell, 12345.5)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert board.heartbeat(cell) == 12345.5 == board.records()[0].heartbeat
+    record = 64 + 8 * 8 + 128 * cell
+    assert struct.unpack_from("<d", _raw(board), record + 80)[0] == 12345.5
+    board.release(cell)
+    assert board.heartbeat(cell) == 0.0
 
 
 def test_worker_states_are_their_names_and_keep_their_scoreboard_codes(
