@@ -250,6 +250,7 @@ class Supervisor:
     graceful_timeout: float = 30.0  # how long retiring workers may drain their sessions
     worker_max_rss: int | None = None  # bytes; None: no limit
     pid_file: str | None = None  # absolute path; None: no pid file
+    worker_timeout: float = 30.0  # a worker whose event loop is stuck this long is replaced
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,7 @@ class Config:
                 "graceful-timeout": format_duration(self.supervisor.graceful_timeout),
                 "worker-max-rss": _format_optional_bytes(self.supervisor.worker_max_rss),
                 "pid-file": self.supervisor.pid_file,
+                "worker-timeout": format_duration(self.supervisor.worker_timeout),
             },
             "doctor": {
                 "ntp-servers": [format_ntp_server(server) for server in self.doctor.ntp_servers],
@@ -1463,7 +1465,12 @@ def _parse_supervisor(section: _Section, base_dir: str | None) -> Supervisor:
         graceful_timeout=section.duration("graceful-timeout", 30.0),
         worker_max_rss=section.string("worker-max-rss", parse_bytes, 0) or None,
         pid_file=section.string("pid-file", lambda text: parse_pid_file(text, base_dir), None),
+        worker_timeout=section.duration("worker-timeout", 30.0),
     )
+    if result.worker_timeout < 1.0:  # workers beat twice a second, checked once a second
+        raise section.fail(
+            "worker-timeout", f"has to be at least 1s ({format_duration(result.worker_timeout)})"
+        )
     section.finish()
     return result
 

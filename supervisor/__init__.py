@@ -11,6 +11,8 @@ call. Layout of the package:
 - ``notify.py``    systemd readiness notifications;
 - ``procstats.py`` psutil samples of the workers;
 - ``pidfile.py``   the optional pid file;
+- ``states.py``    the worker states (arbiter, scoreboard and metrics share them);
+- ``signals.py``   which signals the supervisor handles and its children ignore;
 - ``exporter/``    the metrics exporter process ([stats.prometheus]): pool counters,
                    the multiprocess-file reader, exposition, HTTP server, and the
                    handle that starts and restarts it.

@@ -5,10 +5,16 @@ C-level wake-up fd makes ``select`` return). The loop then, in order: dispatches
 signals to ``handle_<name>``; reaps dead workers (``waitpid(WNOHANG)``); completes the
 initial boot or a reload once every new worker reported ready; spawns or retires workers
 so each slot has one worker of the current generation (``manage_workers``); kills workers
-past their deadline (``murder_workers``); samples the workers' resources
+past their deadline or frozen (``murder_workers``); samples the workers' resources
 (``sample_workers``); and sleeps in ``select`` on the wake-up pipe and the workers'
 report pipes. The supervisor never runs an event loop or a thread: it forks workers from
 this loop, where no lock is held.
+
+Frozen workers: every worker's event loop bumps a heartbeat in its scoreboard record
+(``supervisor/worker.py``). A worker that reported ready (also once it is retiring) whose
+heartbeat is older than ``[supervisor] worker-timeout`` is killed with SIGKILL; when it
+is reaped, its slot gets a new worker like after any other death. A booting worker is
+judged by ``BOOT_TIMEOUT`` instead (before its loop runs there is no heartbeat to expect).
 
 Generations: the workers started together from one configuration. A reload (SIGHUP)
 starts generation N+1 next to N; once every worker of N+1 reported ready, N is retired
@@ -43,13 +49,15 @@ from supervisor.listeners import ListenError, bind_slot_socket, tcp_migrate_req
 from supervisor.notify import Notifier
 from supervisor.pidfile import PidFileError, remove_pid_file, write_pid_file
 from supervisor.procstats import Sample, Sampler
+from supervisor.signals import CAUGHT_SIGNALS, SUPERVISOR_SIGNALS
+from supervisor.states import WorkerState
 from supervisor.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
     from supervisor.exporter import Exporter
 
-__all__ = ["Arbiter", "SupervisorError", "resolve_workers"]
+__all__ = ["Arbiter", "SupervisorError", "heartbeat_expired", "resolve_workers"]
 
 _log = logging.getLogger("supervisor")
 
@@ -68,22 +76,14 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 # worker-max-rss is judged only on workers that have been ready this long.
 RSS_MIN_AGE = 2.0
+# Two heartbeat checks this far apart mean the supervisor itself did not run (stopped with
+# its process group, starved): the workers' heartbeats are then judged from that moment,
+# since a worker resumed with it may not have run its loop yet.
+SUPERVISOR_STALL = 3.0
 # Scoreboard cells: one per worker process alive at once (all generations still draining).
 CELLS = 4 * config_module.MAX_WORKERS
 MAX_QUEUED_SIGNALS = 10
 
-SIGNAL_NAMES = {
-    signal.SIGHUP: "hup",
-    signal.SIGTERM: "term",
-    signal.SIGINT: "int",
-    signal.SIGQUIT: "quit",
-    signal.SIGTTIN: "ttin",
-    signal.SIGTTOU: "ttou",
-    signal.SIGUSR1: "usr1",
-    signal.SIGUSR2: "usr2",
-}
-
-BOOTING, READY, RETIRING = "booting", "ready", "retiring"
 STARTING, RUNNING, STOPPING, QUITTING = "starting", "running", "stopping", "quitting"
 
 
@@ -113,10 +113,11 @@ class WorkerProcess:
     config: Config
     report_fd: int
     spawned_at: float  # monotonic
-    state: str = BOOTING
+    state: WorkerState = WorkerState.BOOTING
     ready_at: float | None = None
     kill_at: float | None = None  # monotonic; SIGKILL when still alive then
     killed: bool = False
+    unresponsive: bool = False  # killed for worker-timeout
     error: str | None = None  # why it could not boot (report pipe or boot timeout)
     replaces: int | None = None  # worker-max-rss: pid this one takes over from
     replaced_by: int | None = None
@@ -173,6 +174,8 @@ class Arbiter:
         self.exporter: Exporter | None = None  # [stats.prometheus]: the metrics process
         self._wake_r = self._wake_w = self._life_r = self._life_w = -1
         self._next_sample = 0.0
+        self._last_liveness_check = 0.0
+        self._liveness_since = 0.0  # heartbeats older than this count from here
         self._status = ""
 
     # -- main loop -------------------------------------------------------------------------
@@ -236,7 +239,7 @@ class Arbiter:
             os.set_blocking(fd, False)
         self._life_r, self._life_w = os.pipe()
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in (*SIGNAL_NAMES, signal.SIGCHLD):
+        for signum in CAUGHT_SIGNALS:
             signal.signal(signum, self._on_signal)
         _log.info(
             "supervisor started",
@@ -261,7 +264,7 @@ class Arbiter:
         for worker in self.workers.values():
             if worker.kill_at is not None and not worker.killed:
                 deadline = min(deadline, worker.kill_at)
-            if worker.state == BOOTING and not worker.killed:
+            if worker.state == WorkerState.BOOTING and not worker.killed:
                 deadline = min(deadline, worker.spawned_at + BOOT_TIMEOUT)
         for slot in self.slots.values():
             if slot.respawn_at > now:
@@ -286,7 +289,7 @@ class Arbiter:
     def handle_signals(self) -> None:
         while self.signal_queue:
             signum = self.signal_queue.pop(0)
-            name = SIGNAL_NAMES.get(signal.Signals(signum))
+            name = SUPERVISOR_SIGNALS.get(signal.Signals(signum))
             if name is not None:
                 _log.info("signal received", extra={"signal": signal.Signals(signum).name})
                 getattr(self, f"handle_{name}")()
@@ -342,6 +345,7 @@ class Arbiter:
         self._refresh_samples()
         assert self.scoreboard is not None
         records = self.scoreboard.records()
+        now = time.monotonic()
         _log.warning(
             "worker status",
             extra={
@@ -357,6 +361,7 @@ class Arbiter:
                         "rss": record.rss,
                         "cpu_percent": round(record.cpu_percent, 1),
                         "fds": record.fds,
+                        "heartbeat_age": round(now - record.heartbeat, 3),
                     }
                     for record in records
                 ],
@@ -376,7 +381,7 @@ class Arbiter:
         self._drop_pending()
         self._close_slots()
         for worker in list(self.workers.values()):
-            if worker.state != RETIRING:
+            if worker.state != WorkerState.RETIRING:
                 self.retire(worker, timeout)
 
     def quit(self) -> None:
@@ -391,7 +396,7 @@ class Arbiter:
         self._close_slots()
         deadline = time.monotonic() + QUIT_TIMEOUT
         for worker in list(self.workers.values()):
-            worker.state = RETIRING
+            worker.state = WorkerState.RETIRING
             worker.kill_at = min(worker.kill_at or deadline, deadline)
             self._signal(worker, signal.SIGQUIT)
 
@@ -405,10 +410,10 @@ class Arbiter:
     def retire(self, worker: WorkerProcess, timeout: float) -> None:
         """SIGTERM ``worker``: it stops accepting and drains for up to ``timeout`` seconds."""
         assert self.scoreboard is not None
-        worker.state = RETIRING
+        worker.state = WorkerState.RETIRING
         worker.kill_at = time.monotonic() + timeout + KILL_MARGIN
         self.scoreboard.set_drain_timeout(worker.cell, timeout)
-        self.scoreboard.set_state(worker.cell, shm.RETIRING)
+        self.scoreboard.set_state(worker.cell, WorkerState.RETIRING)
         _log.info(
             "retiring worker",
             extra={"slot": worker.slot, "pid": worker.pid, "generation": worker.generation},
@@ -523,7 +528,7 @@ class Arbiter:
             self.replay = pending.replay
         timeout = self.config.supervisor.graceful_timeout
         for worker in list(self.workers.values()):
-            if worker.generation < self.generation and worker.state != RETIRING:
+            if worker.generation < self.generation and worker.state != WorkerState.RETIRING:
                 self.retire(worker, timeout)
         self._switch_pid_file(self.config.supervisor.pid_file)
         if self.exporter is not None:
@@ -548,7 +553,7 @@ class Arbiter:
             return
         self.pending = None
         for worker in list(self.workers.values()):
-            if worker.generation == pending.generation and worker.state != RETIRING:
+            if worker.generation == pending.generation and worker.state != WorkerState.RETIRING:
                 self.retire(worker, self.config.supervisor.graceful_timeout)
         for sock in pending.sockets.values():
             sock.close()
@@ -590,7 +595,9 @@ class Arbiter:
 
     def _generation_ready(self, generation: int, count: int) -> bool:
         ready = {
-            w.slot for w in self.workers.values() if w.generation == generation and w.state == READY
+            w.slot
+            for w in self.workers.values()
+            if w.generation == generation and w.state == WorkerState.READY
         }
         return ready.issuperset(range(count))
 
@@ -645,14 +652,16 @@ class Arbiter:
 
     def _has_worker(self, index: int, generation: int) -> bool:
         return any(
-            w.slot == index and w.generation == generation and w.state in (BOOTING, READY)
+            w.slot == index
+            and w.generation == generation
+            and w.state in (WorkerState.BOOTING, WorkerState.READY)
             for w in self.workers.values()
         )
 
     def _remove_slot(self, index: int) -> None:
         slot = self.slots.pop(index)
         for worker in list(self.workers.values()):
-            if worker.slot == index and worker.state != RETIRING:
+            if worker.slot == index and worker.state != WorkerState.RETIRING:
                 self.retire(worker, self.config.supervisor.graceful_timeout)
         slot.sock.close()
         _log.info(
@@ -774,11 +783,11 @@ class Arbiter:
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         assert self.scoreboard is not None
-        if worker.state != BOOTING:
+        if worker.state != WorkerState.BOOTING:
             return
-        worker.state = READY
+        worker.state = WorkerState.READY
         worker.ready_at = time.monotonic()
-        self.scoreboard.set_state(worker.cell, shm.READY)
+        self.scoreboard.set_state(worker.cell, WorkerState.READY)
         _log.info(
             "worker is ready",
             extra={
@@ -790,7 +799,7 @@ class Arbiter:
         )
         if worker.replaces is not None:
             old = self.workers.get(worker.replaces)
-            if old is not None and old.state != RETIRING:
+            if old is not None and old.state != WorkerState.RETIRING:
                 self.retire(old, self.config.supervisor.graceful_timeout)
 
     def reap_workers(self) -> None:
@@ -832,7 +841,7 @@ class Arbiter:
             "generation": worker.generation,
             "status": how,
         }
-        if worker.state == RETIRING or self.state in (STOPPING, QUITTING):
+        if worker.state == WorkerState.RETIRING or self.state in (STOPPING, QUITTING):
             _log.info("worker exited", extra=fields)
             return
         pending = self.pending
@@ -840,7 +849,7 @@ class Arbiter:
             old = self.workers.get(worker.replaces)
             if old is not None:
                 old.replaced_by = None
-        if worker.state == BOOTING:
+        if worker.state == WorkerState.BOOTING:
             reason = worker.error or f"it ended with {how} before it was ready"
             message = f"worker {worker.slot} cannot start: {reason}"
             if pending is not None and worker.generation == pending.generation:
@@ -867,31 +876,66 @@ class Arbiter:
             delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (recent - FREE_RESTARTS - 1))
         slot.respawn_at = now + delay
         if self.exporter is not None:
-            from supervisor.exporter import restart_reason
+            from supervisor.exporter import RESTART_TIMEOUT, restart_reason
 
-            self.exporter.worker_restarted(restart_reason(code))
+            reason = RESTART_TIMEOUT if worker.unresponsive else restart_reason(code)
+            self.exporter.worker_restarted(reason)
         _log.warning(
             "worker died; starting a new one",
             extra={**fields, "restart_in": delay, "deaths_last_minute": recent},
         )
 
     def murder_workers(self) -> None:
-        """SIGKILL workers past their deadline: retiring too long, or not booting."""
+        """SIGKILL workers past their deadline: retiring too long, not booting, or frozen
+        (no heartbeat for worker-timeout)."""
+        assert self.scoreboard is not None
         now = time.monotonic()
+        since = self._heartbeats_count_since(now)
         for worker in list(self.workers.values()):
             if worker.killed:
                 continue
-            if worker.state == BOOTING and now - worker.spawned_at > BOOT_TIMEOUT:
+            heartbeat = self.scoreboard.heartbeat(worker.cell)
+            if worker.state == WorkerState.BOOTING and now - worker.spawned_at > BOOT_TIMEOUT:
                 worker.error = f"it did not report ready within {BOOT_TIMEOUT:g} s"
-            elif worker.kill_at is None or now < worker.kill_at:
-                continue
-            else:
+            elif worker.kill_at is not None and now >= worker.kill_at:
                 _log.warning(
                     "worker did not exit in time; killing it",
                     extra={"slot": worker.slot, "pid": worker.pid},
                 )
+            elif heartbeat_expired(
+                now=now,
+                heartbeat=heartbeat,
+                ready_at=worker.ready_at,
+                since=since,
+                timeout=worker.config.supervisor.worker_timeout,
+            ):
+                worker.unresponsive = True
+                _log.warning(
+                    "worker stopped responding; killing it",
+                    extra={
+                        "slot": worker.slot,
+                        "pid": worker.pid,
+                        "generation": worker.generation,
+                        "state": worker.state,
+                        "heartbeat_age": round(now - heartbeat, 3),
+                        "worker_timeout": worker.config.supervisor.worker_timeout,
+                    },
+                )
+            else:
+                continue
             worker.killed = True
             self._signal(worker, signal.SIGKILL)
+
+    def _heartbeats_count_since(self, now: float) -> float:
+        """From when heartbeats are judged: the start, or the last stall of this loop."""
+        last, self._last_liveness_check = self._last_liveness_check, now
+        if last and now - last > SUPERVISOR_STALL:
+            self._liveness_since = now
+            _log.warning(
+                "the supervisor did not run for a while; worker heartbeats are judged from now",
+                extra={"seconds": round(now - last, 3)},
+            )
+        return self._liveness_since
 
     # -- resources and status --------------------------------------------------------------
 
@@ -911,7 +955,7 @@ class Arbiter:
                 if (
                     sample is not None
                     and sample.rss > limit
-                    and worker.state == READY
+                    and worker.state == WorkerState.READY
                     and worker.generation == self.generation
                     and worker.replaced_by is None
                     and worker.ready_at is not None
@@ -973,7 +1017,7 @@ class Arbiter:
         retiring_workers = retiring_sessions = 0
         for worker in self.workers.values():
             sessions = self.scoreboard.sessions(worker.cell)
-            if worker.state == RETIRING:
+            if worker.state == WorkerState.RETIRING:
                 retiring_workers += 1
                 retiring_sessions += sessions
             else:
@@ -1038,7 +1082,7 @@ class Arbiter:
         self._close_slots()
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
-            for signum in (*SIGNAL_NAMES, signal.SIGCHLD):
+            for signum in CAUGHT_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
         for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
             if fd >= 0:
@@ -1057,6 +1101,21 @@ class Arbiter:
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self.pid)
             self.pid_file = None
+
+
+def heartbeat_expired(
+    *, now: float, heartbeat: float, ready_at: float | None, since: float, timeout: float
+) -> bool:
+    """True when a worker is frozen: no heartbeat for more than ``timeout`` seconds.
+
+    All times are ``time.monotonic()`` seconds. Only a worker that reported ready
+    (``ready_at``) is judged: before that it may still be importing, before its loop runs
+    (``BOOT_TIMEOUT`` covers booting). Time before ``ready_at`` and before ``since`` (when
+    the supervisor's own loop resumed after a stall) does not count against it.
+    """
+    if ready_at is None:
+        return False
+    return now - max(heartbeat, ready_at, since) > timeout
 
 
 def _unreloadable(old: Config, new: Config) -> str | None:

@@ -24,11 +24,13 @@ Scoreboard layout (all integers little-endian, offsets in bytes)::
                                  owns the cell (+1 on admission, -1 when the session ends);
                                  reset to 0 by the supervisor after that worker died.
     64 + 8*C     128 * C         worker records, one per cell, written ONLY by the
-                                 supervisor (the worker only reads drain_timeout):
+                                 supervisor, except heartbeat (the worker reads
+                                 drain_timeout and writes heartbeat):
                                    0  u32 pid (0 = free cell)
                                    4  u32 slot (the listening socket the worker accepts on)
                                    8  u32 generation (+1 on every reload)
                                   12  u32 state: 0 free, 1 booting, 2 ready, 3 retiring
+                                      (``supervisor.states.WorkerState.code``)
                                   16  f64 started_at (Unix time)
                                   24  f64 drain_timeout: seconds the worker may drain when it
                                       gets SIGTERM (set before the signal; 0 = its config's
@@ -40,7 +42,15 @@ Scoreboard layout (all integers little-endian, offsets in bytes)::
                                   64  u32 open file descriptors
                                   68  u32 reserved
                                   72  f64 sampled_at (Unix time; 0 = never sampled)
-                                  80  48 bytes reserved, 0
+                                  80  f64 heartbeat: when the worker's event loop last ran
+                                      its heartbeat timer (``time.monotonic()``; Linux's
+                                      CLOCK_MONOTONIC is the same in every process). Set by
+                                      the supervisor when it claims the cell (before the
+                                      fork), then ONLY by the worker, at least once a second
+                                      while its loop runs; the supervisor replaces a ready
+                                      or retiring worker whose heartbeat is older than
+                                      ``[supervisor] worker-timeout``
+                                  88  40 bytes reserved, 0
 
 A cell belongs to one worker *process*, not to a slot: during a reload the old and the new
 worker of a slot run side by side and each counts its own sessions.
@@ -54,9 +64,9 @@ Both steps run in one event-loop callback (no ``await`` between them), so one wo
 at most one admission in flight. Workers do not lock against each other: W workers that
 admit at the same instant can all see the same sum, so the total can exceed the limit by
 at most W - 1 (W = workers accepting at that moment, which includes both generations
-during a reload). ``tests/supervisor/test_shm.py`` shows that bound. The counters are
-aligned 8-byte words written with single stores, so a reader never sees a torn value; a
-stale read only widens the same bound. When a worker dies its cell is reset by the
+during a reload). ``tests/supervisor/test_shm.py`` shows that bound. The counters (and the
+heartbeat) are aligned 8-byte words written with single stores, so a reader never sees a
+torn value; a stale read only widens the same bound. When a worker dies its cell is reset by the
 supervisor, so sessions a crashed worker never released do not leak capacity.
 
 Replay cache: a :class:`~mtgworkers.defense.antireplay.StableBloomFilter` in its own
@@ -76,15 +86,15 @@ import os
 import re
 import secrets
 import struct
-import tempfile
+import time
 from dataclasses import dataclass
 from typing import Final
 
 from mtgworkers.defense.antireplay import StableBloomFilter
-from mtgworkers.proc import pid_alive
+from mtgworkers.proc import pid_alive, shm_dir
+from supervisor.states import WorkerState
 
 __all__ = [
-    "CELL_STATES",
     "LockedReplayFilter",
     "ReplayCache",
     "Scoreboard",
@@ -94,7 +104,6 @@ __all__ = [
     "remove_stale_segments",
 ]
 
-SHM_DIR: Final = "/dev/shm"
 PREFIX: Final = "mtgworkers-"
 _NAME_RE = re.compile(r"mtgworkers-(\d+)-[0-9a-f]{16}-[a-z]+\Z")
 
@@ -110,16 +119,11 @@ _U32 = struct.Struct("<I")
 _DRAIN_OFFSET: Final = 24
 _SAMPLE_OFFSET: Final = 32
 _STATE_OFFSET: Final = 12
+_HEARTBEAT_OFFSET: Final = 80
 assert _HEADER.size == HEADER_SIZE
 assert _RECORD_IDENTITY.size == 24 and _SAMPLE_OFFSET + _RECORD_SAMPLE.size == 80
-
-FREE, BOOTING, READY, RETIRING = 0, 1, 2, 3
-CELL_STATES: Final = ("free", "booting", "ready", "retiring")
-
-
-def shm_dir() -> str:
-    """Where segments live: /dev/shm when it exists (RAM), else the temp directory."""
-    return SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
+_RECORD_DOUBLES: Final = RECORD_SIZE // 8  # a record as f64 words: the heartbeat's index
+_HEARTBEAT_INDEX: Final = _HEARTBEAT_OFFSET // 8
 
 
 class Segment:
@@ -218,7 +222,7 @@ class WorkerRecord:
     pid: int
     slot: int
     generation: int
-    state: str  # one of CELL_STATES
+    state: WorkerState  # never FREE
     started_at: float
     sessions: int
     rss: int
@@ -227,6 +231,7 @@ class WorkerRecord:
     cpu_percent: float
     fds: int
     sampled_at: float
+    heartbeat: float  # monotonic
 
 
 class Scoreboard:
@@ -243,6 +248,7 @@ class Scoreboard:
         self._records = view[
             HEADER_SIZE + 8 * cells : HEADER_SIZE + 8 * cells + RECORD_SIZE * cells
         ]
+        self._doubles = self._records.cast("d")  # aligned: the heartbeat is one store
         self._free = list(range(cells - 1, -1, -1))  # supervisor only; pop() gives the lowest
 
     @classmethod
@@ -287,17 +293,21 @@ class Scoreboard:
 
     # -- supervisor side -------------------------------------------------------------------
 
-    def claim(self, slot: int, generation: int, started_at: float) -> int:
+    def claim(
+        self, slot: int, generation: int, started_at: float, heartbeat: float | None = None
+    ) -> int:
         """Take the lowest free cell for a worker about to be forked; return its index.
 
-        The record is marked booting with pid 0 until :meth:`set_pid`. Raises LookupError
-        when every cell is taken (too many workers still draining).
+        The record is marked booting with pid 0 until :meth:`set_pid`; its heartbeat is
+        ``heartbeat`` (default: now, monotonic). Raises LookupError when every cell is
+        taken (too many workers still draining).
         """
         if not self._free:
             raise LookupError(f"all {self.cells} worker cells are in use")
         cell = self._free.pop()
         self._sessions[cell] = 0
-        self._write_record(cell, 0, slot, generation, BOOTING, started_at)
+        self._write_record(cell, 0, slot, generation, WorkerState.BOOTING, started_at)
+        self.beat(cell, time.monotonic() if heartbeat is None else heartbeat)
         if cell + 1 > self._hwm[0]:
             self._hwm[0] = cell + 1
         return cell
@@ -307,10 +317,10 @@ class Scoreboard:
         offset = cell * RECORD_SIZE
         self._records[offset : offset + 4] = _U32.pack(pid)
 
-    def set_state(self, cell: int, state: int) -> None:
+    def set_state(self, cell: int, state: WorkerState) -> None:
         """Record a worker's state (BOOTING, READY, RETIRING)."""
         offset = cell * RECORD_SIZE + _STATE_OFFSET
-        self._records[offset : offset + 4] = _U32.pack(state)
+        self._records[offset : offset + 4] = _U32.pack(state.code)
 
     def set_drain_timeout(self, cell: int, seconds: float) -> None:
         """Tell the worker of ``cell`` how long to drain on SIGTERM (set before sending it)."""
@@ -343,12 +353,18 @@ class Scoreboard:
         self._free.sort(reverse=True)
 
     def _write_record(
-        self, cell: int, pid: int, slot: int, generation: int, state: int, started_at: float
+        self,
+        cell: int,
+        pid: int,
+        slot: int,
+        generation: int,
+        state: WorkerState,
+        started_at: float,
     ) -> None:
         offset = cell * RECORD_SIZE
         self._records[offset : offset + RECORD_SIZE] = bytes(RECORD_SIZE)
         self._records[offset : offset + _RECORD_IDENTITY.size] = _RECORD_IDENTITY.pack(
-            pid, slot, generation, state, started_at
+            pid, slot, generation, state.code, started_at
         )
 
     # -- both sides ------------------------------------------------------------------------
@@ -361,6 +377,14 @@ class Scoreboard:
         """Sessions of all workers (what admission compares with ``concurrency``)."""
         return sum(self._sessions[: self._hwm[0]])
 
+    def beat(self, cell: int, now: float) -> None:
+        """Record that the worker of ``cell`` is alive at ``now`` (monotonic seconds)."""
+        self._doubles[cell * _RECORD_DOUBLES + _HEARTBEAT_INDEX] = now
+
+    def heartbeat(self, cell: int) -> float:
+        """The last heartbeat of the worker of ``cell`` (monotonic seconds)."""
+        return float(self._doubles[cell * _RECORD_DOUBLES + _HEARTBEAT_INDEX])
+
     def drain_timeout(self, cell: int) -> float:
         """The drain time the supervisor set for ``cell`` (0.0 = not set)."""
         offset = cell * RECORD_SIZE + _DRAIN_OFFSET
@@ -371,10 +395,14 @@ class Scoreboard:
         result = []
         for cell in range(self._hwm[0]):
             offset = cell * RECORD_SIZE
-            pid, slot, generation, state, started_at = _RECORD_IDENTITY.unpack(
+            pid, slot, generation, code, started_at = _RECORD_IDENTITY.unpack(
                 self._records[offset : offset + _RECORD_IDENTITY.size]
             )
-            if state == FREE:
+            try:
+                state = WorkerState.from_code(code)
+            except ValueError:  # not written by this layout version: nothing to show
+                continue
+            if state is WorkerState.FREE:
                 continue
             rss, cpu_user, cpu_system, cpu_percent, fds, sampled_at = _RECORD_SAMPLE.unpack(
                 self._records[offset + _SAMPLE_OFFSET : offset + _SAMPLE_OFFSET + 48]
@@ -385,7 +413,7 @@ class Scoreboard:
                     pid=pid,
                     slot=slot,
                     generation=generation,
-                    state=CELL_STATES[state] if state < len(CELL_STATES) else str(state),
+                    state=state,
                     started_at=started_at,
                     sessions=int(self._sessions[cell]),
                     rss=rss,
@@ -394,6 +422,7 @@ class Scoreboard:
                     cpu_percent=cpu_percent,
                     fds=fds,
                     sampled_at=sampled_at,
+                    heartbeat=float(self._doubles[cell * _RECORD_DOUBLES + _HEARTBEAT_INDEX]),
                 )
             )
         return result
@@ -404,7 +433,7 @@ class Scoreboard:
 
     def close(self, *, unlink: bool = True) -> None:
         """Release the views and the segment (and remove the file: supervisor only)."""
-        for view in (self._sessions, self._hwm, self._records, self._header):
+        for view in (self._sessions, self._hwm, self._doubles, self._records, self._header):
             view.release()
         self.segment.close(unlink=unlink)
 

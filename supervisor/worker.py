@@ -17,7 +17,12 @@ Talking to the supervisor:
 - the *life pipe*: the worker holds its read end, only the supervisor holds the write
   end, so end-of-file means the supervisor is gone. Together with
   ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` and a parent-PID check every second this makes
-  sure no worker outlives its supervisor.
+  sure no worker outlives its supervisor;
+- the *heartbeat*: a timer on the worker's event loop writes ``time.monotonic()`` into
+  the worker's scoreboard record every :data:`HEARTBEAT_EVERY` seconds, from before boot
+  until the loop ends. A loop that stops running callbacks (an endless loop, a blocking
+  call, SIGSTOP) stops it, and the supervisor kills and replaces a worker whose heartbeat
+  is older than ``[supervisor] worker-timeout``.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from mtgworkers.defense.antireplay import NoopFilter
+from supervisor.signals import CAUGHT_SIGNALS, IGNORED_SIGNALS
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -50,16 +57,7 @@ WORKER_BOOT_ERROR = 3  # could not start serving; the reason went to the report 
 
 PR_SET_PDEATHSIG = 1
 PARENT_CHECK_EVERY = 1.0
-
-# Signals that a worker must survive although they are not for it.
-IGNORED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
+HEARTBEAT_EVERY = 0.5
 
 _log = logging.getLogger("mtgworkers.worker")
 
@@ -105,10 +103,8 @@ def _detach_from_supervisor(spec: WorkerSpec) -> None:
     """Undo what the child inherited from the supervisor that a worker must not have."""
     # The supervisor's signal handlers only enqueue and wake the supervisor's own loop.
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    for signum in IGNORED_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    for signum in CAUGHT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spec.supervisor_pid:  # it died before prctl() took effect
         os._exit(0)
@@ -159,6 +155,8 @@ def _serve(spec: WorkerSpec) -> int:
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    heartbeat = Heartbeat(spec.scoreboard, spec.cell, loop)
+    heartbeat.start()
     detach: list[Callable[[], None]] = []
     try:
         # One run_until_complete() for boot and service: uvloop only listens for signals
@@ -169,7 +167,35 @@ def _serve(spec: WorkerSpec) -> int:
         for detach_stats in detach:
             with contextlib.suppress(Exception):
                 detach_stats()  # after the sessions ended: their last traffic is counted
+        heartbeat.stop()
         loop.close()
+
+
+class Heartbeat:
+    """A timer chain on the worker's loop that bumps its heartbeat in the scoreboard.
+
+    The first beat is written by :meth:`start`, before the loop runs; then one every
+    :data:`HEARTBEAT_EVERY` seconds for as long as the loop runs callbacks. The supervisor
+    compares it with its own ``time.monotonic()`` (CLOCK_MONOTONIC is system-wide).
+    """
+
+    def __init__(self, scoreboard: Scoreboard, cell: int, loop: asyncio.AbstractEventLoop):
+        self.scoreboard = scoreboard
+        self.cell = cell
+        self.loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._beat()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _beat(self) -> None:
+        self.scoreboard.beat(self.cell, time.monotonic())
+        self._timer = self.loop.call_later(HEARTBEAT_EVERY, self._beat)
 
 
 async def _boot_and_serve(

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from mtgworkers import events
-from mtgworkers.proc import pid_alive
+from mtgworkers.proc import pid_alive, shm_dir
 
 __all__ = [
     "MTG_METRICS",
@@ -208,18 +208,13 @@ def ip_family(ip: str) -> str:
 # -- the multiprocess directory ------------------------------------------------------------
 
 
-def _shm_dir() -> str:
-    # tmpfs: the mmap'ed values are never written back to a disk.
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 def create_multiproc_dir(parent: str | None = None) -> str:
     """Create an empty private metrics directory (mode 0700) and return its path.
 
     Directories of this kind left by processes that are gone (killed before they could
     remove theirs) are removed first. Raises OSError.
     """
-    parent = parent or _shm_dir()
+    parent = parent or shm_dir()
     _remove_stale_dirs(parent)
     return tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=parent)
 

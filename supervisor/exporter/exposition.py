@@ -49,6 +49,7 @@ from supervisor.exporter.pool import (
     PoolSnapshot,
     PoolStatsSource,
 )
+from supervisor.states import WORKER_STATES
 
 __all__ = [
     "OPENMETRICS_CONTENT_TYPE",
@@ -63,7 +64,6 @@ __all__ = [
 
 _log = logging.getLogger("mtgworkers.exporter")
 
-WORKER_STATES: Final = ("booting", "ready", "retiring")
 
 TEXT_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE: Final = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -315,7 +315,7 @@ def pool_families(prefix: str, snapshot: PoolSnapshot) -> list[Family]:
             Family(
                 p + "worker_restarts",
                 "counter",
-                "Workers restarted by the supervisor, by reason (exit, signal, max_rss).",
+                "Workers restarted by the supervisor, by reason (exit, signal, max_rss, timeout).",
                 [((("reason", r),), float(snapshot.restarts.get(r, 0))) for r in RESTART_REASONS],
             ),
             Family(

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from mtgworkers.config import HostPort
 from supervisor.exporter.exposition import Scraper
 from supervisor.exporter.pool import PoolStatsSource
+from supervisor.signals import IGNORED_SIGNALS, STOP_SIGNALS
 
 __all__ = [
     "MAX_CONCURRENT_SCRAPES",
@@ -39,16 +40,6 @@ _log = logging.getLogger("mtgworkers.exporter")
 MAX_CONCURRENT_SCRAPES: Final = 16
 REQUEST_TIMEOUT: Final = 10.0
 PARENT_CHECK_EVERY: Final = 1.0
-
-# Signals a supervised exporter ignores (the same set as the workers).
-IGNORED_SIGNALS: Final = (
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 class ExporterError(Exception):
@@ -164,7 +155,7 @@ def run_exporter(
     server = _MetricsServer(sock, scraper, http_path)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        stopping = [signal.SIGTERM, signal.SIGQUIT]
+        stopping = list(STOP_SIGNALS)
         if parent_pid is None:
             stopping.append(signal.SIGINT)
         else:

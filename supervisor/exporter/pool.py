@@ -15,12 +15,12 @@ aligned single stores, so a reader never sees a torn value)::
 
     offset  size  field
          0     8  magic b"MTGWPOOL"
-         8     4  u32 layout version (1)
+         8     4  u32 layout version (2)
         12     4  reserved, 0
         16     8  f64 supervisor start time (Unix time)
-        24    24  u64 worker restarts by reason: exit, signal, max_rss
-        48    16  u64 reloads by result: success, failure
-        64        (end)
+        24    32  u64 worker restarts by reason: exit, signal, max_rss, timeout
+        56    16  u64 reloads by result: success, failure
+        72        (end)
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from supervisor.states import WorkerState
+
 if TYPE_CHECKING:
     from supervisor.shm import Scoreboard, Segment
 
@@ -40,6 +42,7 @@ __all__ = [
     "RESTART_MAX_RSS",
     "RESTART_REASONS",
     "RESTART_SIGNAL",
+    "RESTART_TIMEOUT",
     "PoolCounters",
     "PoolSnapshot",
     "PoolStatsSource",
@@ -51,12 +54,13 @@ __all__ = [
 RESTART_EXIT: Final = "exit"  # a worker exited by itself (crash, unexpected exit status)
 RESTART_SIGNAL: Final = "signal"  # a worker was killed by a signal (OOM killer, kill -9)
 RESTART_MAX_RSS: Final = "max_rss"  # replaced for exceeding [supervisor] worker-max-rss
-RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS)
+RESTART_TIMEOUT: Final = "timeout"  # killed: no heartbeat for [supervisor] worker-timeout
+RESTART_REASONS: Final = (RESTART_EXIT, RESTART_SIGNAL, RESTART_MAX_RSS, RESTART_TIMEOUT)
 RELOAD_RESULTS: Final = ("success", "failure")
 
 POOL_MAGIC: Final = b"MTGWPOOL"
-POOL_VERSION: Final = 1
-POOL_SIZE: Final = 64
+POOL_VERSION: Final = 2
+POOL_SIZE: Final = 72
 _POOL_HEADER = struct.Struct("<8sII")
 _RESTARTS_AT: Final = 3  # index of the first restart counter, in u64 words
 _RELOADS_AT: Final = _RESTARTS_AT + len(RESTART_REASONS)
@@ -150,7 +154,7 @@ class WorkerStats:
 
     slot: int
     pid: int
-    state: str  # booting, ready, retiring
+    state: WorkerState
     sessions: int
     rss: int | None  # bytes; None until the supervisor sampled it
     cpu_seconds: float | None

@@ -11,6 +11,7 @@ import pytest
 from supervisor import shm
 from supervisor.exporter.exposition import Scraper, render_text
 from supervisor.exporter.pool import PoolCounters, SharedPoolStats, restart_reason
+from supervisor.states import WorkerState
 from tests.stats.helpers import parse, value
 
 
@@ -20,19 +21,20 @@ def test_pool_metrics_from_shared_memory(metrics_dir: str, tmp_path: Path) -> No
     try:
         ready = board.claim(0, 1, time.time())
         board.set_pid(ready, 4242)
-        board.set_state(ready, shm.READY)
+        board.set_state(ready, WorkerState.READY)
         board.set_sample(
             ready, rss=50 << 20, cpu_user=1.5, cpu_system=0.25, cpu_percent=3, fds=17, sampled_at=1
         )
         booting = board.claim(1, 2, time.time())  # forked a moment ago: PID not set yet
         retiring = board.claim(0, 1, time.time())
         board.set_pid(retiring, 4343)
-        board.set_state(retiring, shm.RETIRING)
+        board.set_state(retiring, WorkerState.RETIRING)
         board.limiter(retiring, 100).try_acquire()
         counters.worker_restarted(restart_reason(-9))
         counters.worker_restarted(restart_reason(1))
         counters.worker_restarted("max_rss")
         counters.worker_restarted("signal")
+        counters.worker_restarted("timeout")
         counters.reload_finished(True)
         counters.reload_finished(False)
         counters.reload_finished(True)
@@ -59,6 +61,7 @@ def test_pool_metrics_from_shared_memory(metrics_dir: str, tmp_path: Path) -> No
     assert value(series, "mtg_worker_restarts_total", reason="signal") == 2
     assert value(series, "mtg_worker_restarts_total", reason="exit") == 1
     assert value(series, "mtg_worker_restarts_total", reason="max_rss") == 1
+    assert value(series, "mtg_worker_restarts_total", reason="timeout") == 1
     assert value(series, "mtg_reloads_total", result="success") == 2
     assert value(series, "mtg_reloads_total", result="failure") == 1
     assert value(series, "mtg_supervisor_start_time_seconds") == 1_700_000_000.5

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from supervisor import shm
 from supervisor.notify import Notifier
 from supervisor.pidfile import PidFileError, read_pid_file, remove_pid_file, write_pid_file
+from supervisor.states import WorkerState
 
 
 @pytest.fixture
@@ -37,9 +38,9 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
     assert os.path.basename(board.path).startswith(f"mtgworkers-{os.getpid()}-")
     assert os.stat(board.path).st_mode & 0o777 == 0o600
     assert os.path.getsize(board.path) == 64 + 8 * (8 + 128)
-    cell = board.claim(slot=5, generation=7, started_at=1700000000.5)
+    cell = board.claim(slot=5, generation=7, started_at=1700000000.5, heartbeat=100.25)
     board.set_pid(cell, 4242)
-    board.set_state(cell, shm.READY)
+    board.set_state(cell, WorkerState.READY)
     board.set_drain_timeout(cell, 12.5)
     board.set_sample(
         cell, rss=123456, cpu_user=1.5, cpu_system=0.25, cpu_percent=42.0, fds=17, sampled_at=9.0
@@ -53,7 +54,7 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
     record = 64 + 8 * 8 + 128 * cell
     assert struct.unpack_from("<IIIIdd", raw, record) == (4242, 5, 7, 2, 1700000000.5, 12.5)
     assert struct.unpack_from("<QdddI", raw, record + 32) == (123456, 1.5, 0.25, 42.0, 17)
-    assert struct.unpack_from("<d", raw, record + 72)[0] == 9.0
+    assert struct.unpack_from("<dd", raw, record + 72) == (9.0, 100.25)  # sampled_at, heartbeat
     (entry,) = board.records()
     assert entry == shm.WorkerRecord(
         cell=0,
@@ -69,8 +70,47 @@ def test_scoreboard_layout_is_the_documented_one(board: shm.Scoreboard) -> None:
         cpu_percent=42.0,
         fds=17,
         sampled_at=9.0,
+        heartbeat=100.25,
     )
     assert board.drain_timeout(cell) == 12.5
+
+
+def test_heartbeat_is_set_at_claim_then_bumped_by_the_worker(board: shm.Scoreboard) -> None:
+    before = time.monotonic()
+    cell = board.claim(slot=0, generation=1, started_at=0.0)
+    assert before <= board.heartbeat(cell) <= time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # a worker: writes its heartbeat through the inherited mapping
+        board.beat(cell, 12345.5)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert board.heartbeat(cell) == 12345.5 == board.records()[0].heartbeat
+    record = 64 + 8 * 8 + 128 * cell
+    assert struct.unpack_from("<d", _raw(board), record + 80)[0] == 12345.5
+    board.release(cell)
+    assert board.heartbeat(cell) == 0.0
+
+
+def test_worker_states_are_their_names_and_keep_their_scoreboard_codes(
+    board: shm.Scoreboard,
+) -> None:
+    assert [(state.value, state.code) for state in WorkerState] == [
+        ("free", 0),
+        ("booting", 1),
+        ("ready", 2),
+        ("retiring", 3),
+    ]
+    for state in WorkerState:
+        assert WorkerState.from_code(state.code) is state
+        assert state == state.value and str(state) == f"{state}" == state.value
+    with pytest.raises(ValueError):
+        WorkerState.from_code(4)
+    cell = board.claim(slot=0, generation=1, started_at=0.0)
+    assert board.records()[0].state is WorkerState.BOOTING
+    board.set_state(cell, WorkerState.RETIRING)
+    record = 64 + 8 * 8 + 128 * cell
+    assert struct.unpack_from("<I", _raw(board), record + 12)[0] == 3
+    assert board.records()[0].state is WorkerState.RETIRING
 
 
 def test_cells_of_dead_workers_are_reset_and_reused(board: shm.Scoreboard) -> None:

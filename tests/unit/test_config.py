@@ -1063,6 +1063,7 @@ def _keys(data: dict[str, Any], prefix: str = "") -> list[str]:
         ("supervisor.graceful-timeout", "0", "supervisor.graceful_timeout", 30.0),
         ("supervisor.worker-max-rss", "0", "supervisor.worker_max_rss", None),
         ("supervisor.pid-file", "", "supervisor.pid_file", None),
+        ("supervisor.worker-timeout", "0", "supervisor.worker_timeout", 30.0),
         ("doctor.ntp-servers", [], "doctor.ntp_servers", config.Doctor().ntp_servers),
         ("doctor.ip-echo-urls", [], "doctor.ip_echo_urls", ()),
         ("doctor.ca-file", "", "doctor.ca_file", None),
@@ -1234,13 +1235,14 @@ def test_dc_overrides_must_be_a_table() -> None:
 def test_supervisor_table_is_optional_and_has_documented_defaults() -> None:
     cfg = parse(minimal())
     assert cfg.supervisor == config.Supervisor(
-        workers=0, graceful_timeout=30.0, worker_max_rss=None, pid_file=None
+        workers=0, graceful_timeout=30.0, worker_max_rss=None, pid_file=None, worker_timeout=30.0
     )
     assert cfg.to_json_dict()["supervisor"] == {
         "workers": 0,
         "graceful-timeout": "30s",
         "worker-max-rss": None,
         "pid-file": None,
+        "worker-timeout": "30s",
     }
 
 
@@ -1257,6 +1259,7 @@ def test_supervisor_values(tmp_path: pathlib.Path) -> None:
             graceful-timeout = "1m30s"
             worker-max-rss = "512MB"
             pid-file = "run/mtgworkers.pid"
+            worker-timeout = "2m"
             """
         )
     )
@@ -1266,6 +1269,7 @@ def test_supervisor_values(tmp_path: pathlib.Path) -> None:
         graceful_timeout=90.0,
         worker_max_rss=512 * 1024 * 1024,
         pid_file=str(tmp_path / "run" / "mtgworkers.pid"),
+        worker_timeout=120.0,
     )
     data = cfg.to_json_dict()["supervisor"]
     assert data == {
@@ -1273,6 +1277,7 @@ def test_supervisor_values(tmp_path: pathlib.Path) -> None:
         "graceful-timeout": "1m30s",
         "worker-max-rss": "512mib",
         "pid-file": str(tmp_path / "run" / "mtgworkers.pid"),
+        "worker-timeout": "2m0s",
     }
     # the JSON form parses back to the same values
     again = parse(minimal(supervisor=data))
@@ -1296,6 +1301,9 @@ def test_supervisor_absolute_pid_file_needs_no_base_dir() -> None:
         ("worker-max-rss", "512", "supervisor.worker-max-rss: incorrect bytes value (512)"),
         ("pid-file", "/tmp/", "supervisor.pid-file: value is a path to a directory"),
         ("pid-file", "a\x00b", "supervisor.pid-file: path contains a NUL character"),
+        ("worker-timeout", "-1s", "supervisor.worker-timeout: duration has to be a positive"),
+        ("worker-timeout", "500ms", "supervisor.worker-timeout: has to be at least 1s (500ms)"),
+        ("worker-timeout", 30, "supervisor.worker-timeout: expected a string, got integer"),
         ("threads", 2, "supervisor.threads: unknown key"),
     ],
 )
