@@ -96,6 +96,13 @@ class EventAcceptRefused:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class EventHelloWithoutSNI:
+    """A valid ClientHello without a server_name extension was served (Telegram iOS)."""
+
+    stream_id: str
+
+
 Event = (
     EventStart
     | EventConnectedToDC
@@ -107,6 +114,7 @@ Event = (
     | EventReplayAttack
     | EventIPListSize
     | EventAcceptRefused
+    | EventHelloWithoutSNI
 )
 
 Observer = Callable[[Event], None]

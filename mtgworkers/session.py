@@ -169,8 +169,10 @@ class ClientSession(asyncio.Protocol):
                 return
             kind = type(action)
             if kind is Reply:
-                if action.without_sni and _log.isEnabledFor(logging.DEBUG):  # type: ignore[union-attr]
-                    _log.debug("client hello without SNI", extra=self._fields())
+                if action.without_sni:  # type: ignore[union-attr]
+                    self.worker.events.send(events.EventHelloWithoutSNI(self.stream_id))
+                    if _log.isEnabledFor(logging.DEBUG):
+                        _log.debug("client hello without SNI", extra=self._fields())
                 try:
                     self.transport.write(action.data)  # type: ignore[union-attr]
                 except Exception as exc:  # a transport in error state

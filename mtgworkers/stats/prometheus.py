@@ -186,8 +186,15 @@ ACCEPT_REFUSED = MetricSpec(
     "descriptors, by reason (emfile: the process's open files limit, enfile: the system's).",
 )
 
+HELLOS_WITHOUT_SNI = MetricSpec(
+    "client_hellos_without_sni",
+    "counter",
+    (),
+    "Valid client hellos without a server_name extension (Telegram iOS), served.",
+)
+
 # Metrics of ours, not mtg's: served under their Prometheus names only.
-OUR_METRICS: Final = (ACCEPT_REFUSED,)
+OUR_METRICS: Final = (ACCEPT_REFUSED, HELLOS_WITHOUT_SNI)
 
 TO_CLIENT = "to_client"  # bytes read from Telegram / the fronting host
 FROM_CLIENT = "from_client"  # bytes written to them
@@ -389,6 +396,7 @@ class PrometheusObserver:
             self._domain_fronting = self._value(DOMAIN_FRONTING)
             self._concurrency_limited = self._value(CONCURRENCY_LIMITED)
             self._replay_attacks = self._value(REPLAY_ATTACKS)
+            self._hellos_without_sni = self._value(HELLOS_WITHOUT_SNI)
         except BaseException:
             self._value_class.close_all_files()
             os.close(self._lock_fd)
@@ -405,6 +413,7 @@ class PrometheusObserver:
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
             events.EventAcceptRefused: self._on_accept_refused,
+            events.EventHelloWithoutSNI: self._on_hello_without_sni,
         }
 
     def _value(self, spec: MetricSpec, *label_values: str) -> Value:
@@ -570,6 +579,9 @@ class PrometheusObserver:
             self._iplist_size[event.is_blocklist] = value
         # livemostrecent: every worker loads the same list; the newest value wins.
         value.set(float(event.size), timestamp=time.time())
+
+    def _on_hello_without_sni(self, event: events.EventHelloWithoutSNI) -> None:
+        self._add(self._hellos_without_sni, 1)
 
     def _on_accept_refused(self, event: events.EventAcceptRefused) -> None:
         value = self._accept_refused.get(event.reason)

@@ -10,7 +10,8 @@ Line shapes (docs/mtg-compat.md c.3; the prefix is prepended verbatim, so the de
 
 Connection gauges are sent as deltas (``+1|g`` / ``-1|g``), ``iplist_size`` as an
 absolute gauge, everything else as counters (traffic with the byte count); besides mtg's
-metrics, ``accept_refused`` (tagged ``reason``, see :mod:`mtgworkers.fdguard`) is ours.
+metrics, ``accept_refused`` (tagged ``reason``, see :mod:`mtgworkers.fdguard`) and
+``client_hellos_without_sni`` are ours.
 Every line ends with ``\\n``; lines are packed into datagrams of at most 1432 bytes, and a
 partly filled datagram is sent at the latest 100 ms after its first line (a timer on the
 worker's loop). Each worker sends its own lines: statsd sums deltas and counters from all
@@ -134,6 +135,7 @@ class StatsdObserver:
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
             events.EventAcceptRefused: self._on_accept_refused,
+            events.EventHelloWithoutSNI: self._on_hello_without_sni,
         }
 
     # -- Observer -------------------------------------------------------------------------
@@ -267,6 +269,10 @@ class StatsdObserver:
     def _on_iplist_size(self, event: events.EventIPListSize) -> None:
         ip_list = "blocklist" if event.is_blocklist else "allowlist"
         self._emit("iplist_size", str(event.size), "g", self._tags(("ip_list", ip_list)))
+
+    def _on_hello_without_sni(self, event: events.EventHelloWithoutSNI) -> None:
+        # ours, not mtg's
+        self._emit("client_hellos_without_sni", "1", "c", self._tags())
 
     def _on_accept_refused(self, event: events.EventAcceptRefused) -> None:
         # ours, not mtg's

@@ -285,3 +285,16 @@ def test_make_observers(metrics_dir: str) -> None:
     # statsd without an address is refused when the config is read
     with pytest.raises(ConfigError, match=r"^stats\.statsd\.address: "):
         _config(statsd={"enabled": True})
+
+
+def test_hellos_without_sni_are_our_counter_from_zero(metrics_dir: str) -> None:
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    assert "mtg_client_hellos_without_sni_total 0" in text.splitlines()
+    observer = PrometheusObserver("mtg", 0, metrics_dir)
+    observer(ev.EventHelloWithoutSNI("s1"))
+    observer(ev.EventHelloWithoutSNI("s2"))
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    observer.close()
+    lines = text.splitlines()
+    assert "mtg_client_hellos_without_sni_total 2" in lines
+    assert "# TYPE mtg_client_hellos_without_sni untyped" not in lines  # ours: no bare copy

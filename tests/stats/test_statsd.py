@@ -197,6 +197,14 @@ def test_accept_refusals_are_a_counter_tagged_with_the_reason(listener: Listener
     ]
 
 
+def test_hellos_without_sni_are_a_plain_counter(listener: Listener) -> None:
+    observer = StatsdObserver("127.0.0.1", listener.port, "mtg.", "datadog")
+    observer(ev.EventHelloWithoutSNI("s"))
+    observer.close()
+    listener.drain()
+    assert listener.lines() == ["mtg.client_hellos_without_sni:1|c"]
+
+
 def test_configured_prefix_is_prepended_verbatim(listener: Listener) -> None:
     # mtg quirk: metric-prefix = "mtg" gives "mtgclient_connections".
     observer = StatsdObserver("127.0.0.1", listener.port, "mtg", "datadog")
