@@ -210,6 +210,7 @@ class Doppelganger:
     repeats_per_raid: int = 10
     raid_each: float = 6 * 3600.0
     drs: bool = False
+    pacing: bool = True  # EXTENSION: mtg always paces
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ class Config:
                     "repeats-per-raid": defense.doppelganger.repeats_per_raid,
                     "raid-each": format_duration(defense.doppelganger.raid_each),
                     "drs": defense.doppelganger.drs,
+                    "pacing": defense.doppelganger.pacing,
                 },
             },
             "stats": {
@@ -1181,8 +1183,9 @@ class _Section:
         value = self._raw(name, "a table", lambda v: isinstance(v, Mapping))
         return _Section(value if value is not None else {}, self.key(name))
 
-    def flag(self, name: str) -> bool:
-        return bool(self._raw(name, "a boolean", lambda v: isinstance(v, bool)))
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self._raw(name, "a boolean", lambda v: isinstance(v, bool))
+        return default if value is None else bool(value)
 
     def text(self, name: str) -> str | None:
         """A string; absent and ``""`` both give None (mtg's zero value = absent)."""
@@ -1405,6 +1408,7 @@ def _parse_defense(section: _Section, base_dir: str | None) -> Defense:
         repeats_per_raid=doppelganger_section.integer("repeats-per-raid", parse_concurrency, 10),
         raid_each=doppelganger_section.duration("raid-each", 6 * 3600.0),
         drs=doppelganger_section.flag("drs"),
+        pacing=doppelganger_section.flag("pacing", default=True),
     )
     doppelganger_section.finish()
 

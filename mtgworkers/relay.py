@@ -40,6 +40,8 @@ from mtgworkers.protocol.faketls import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from mtgworkers.pacing import Pacer
+
 # Transport write-buffer limits. High enough for a full-speed 16 KiB chunk pipeline, low
 # enough that 10k slow readers cannot take more than ~2.5 GiB together.
 WRITE_BUFFER_HIGH = 256 * 1024
@@ -187,11 +189,42 @@ class TelegramSide(Side):
             session.side_failed(self, "peer connection is closed")
 
 
-# mtg's dynamic record sizing (docs/protocol.md §8.3): like a web server's TLS slow start, the
-# first records of a burst are small. Sizes are payload bytes per record.
+# mtg's dynamic record sizing (docs/protocol.md §8.3): like a web server's TLS slow start,
+# the first records of a burst are small. Sizes are payload bytes per record.
 DRS_SMALL_RECORDS = 40  # records 1..40: 1351..1450 bytes
 DRS_MEDIUM_RECORDS = 60  # records 41..60: 3997..4096 bytes, then MAX_RECORD_PAYLOAD
 DRS_IDLE_RESET = 1.0  # seconds without records that start a new burst
+
+
+class RecordSizes:
+    """The payload limit of each record to the client: mtg's dynamic record sizing when
+    ``drs`` is on, else always :data:`MAX_RECORD_PAYLOAD`."""
+
+    __slots__ = ("drs", "last", "records")
+
+    def __init__(self, drs: bool) -> None:
+        self.drs = drs
+        self.records = 0
+        self.last = 0.0
+
+    def burst(self) -> None:
+        """Called before the records of one write: a pause over 1 s starts a new burst."""
+        now = time.monotonic()
+        if now - self.last > DRS_IDLE_RESET:
+            self.records = 0
+        self.last = now
+
+    def next(self) -> int:
+        """The limit for the next record."""
+        if not self.drs:
+            return MAX_RECORD_PAYLOAD
+        records = self.records
+        self.records = records + 1
+        if records < DRS_SMALL_RECORDS:
+            return 1450 - random.randrange(100)
+        if records < DRS_MEDIUM_RECORDS:
+            return 4096 - random.randrange(100)
+        return MAX_RECORD_PAYLOAD
 
 
 class DRSTelegramSide(TelegramSide):
@@ -200,7 +233,7 @@ class DRSTelegramSide(TelegramSide):
     A separate class so that the default path pays nothing for it.
     """
 
-    __slots__ = ("last", "records")
+    __slots__ = ("sizes",)
 
     def __init__(
         self,
@@ -210,8 +243,7 @@ class DRSTelegramSide(TelegramSide):
         encrypt: Callable[[bytes], bytes],
     ) -> None:
         super().__init__(session, peer, decrypt, encrypt)
-        self.records = 0
-        self.last = 0.0
+        self.sizes = RecordSizes(drs=True)
 
     def data_received(self, data: bytes) -> None:
         out = self.encrypt(self.decrypt(data))
@@ -219,28 +251,115 @@ class DRSTelegramSide(TelegramSide):
         session = self.session
         session.touched = True
         session.bytes_to_client += size
-        now = time.monotonic()
-        if now - self.last > DRS_IDLE_RESET:
-            self.records = 0
-        self.last = now
+        sizes = self.sizes
+        sizes.burst()
         view = memoryview(out)
         parts: list[bytes | memoryview] = []
         pos = 0
-        records = self.records
         while pos < size:
-            if records < DRS_SMALL_RECORDS:
-                limit = 1450 - random.randrange(100)
-            elif records < DRS_MEDIUM_RECORDS:
-                limit = 4096 - random.randrange(100)
-            else:
-                limit = MAX_RECORD_PAYLOAD
-            chunk = view[pos : pos + limit]
+            chunk = view[pos : pos + sizes.next()]
             pos += len(chunk)
-            records += 1
             parts.append(record_header(len(chunk)))
             parts.append(chunk)
-        self.records = records
         try:
             self.peer.write(b"".join(parts))  # type: ignore[union-attr]
         except RuntimeError:  # the peer's handle closed in this loop iteration
             session.side_failed(self, "peer connection is closed")
+
+
+# What a paced side holds back from the DC before it stops reading it: a few records'
+# worth at ~2.4 MB/s, so a stalled or slow client costs little memory.
+PACED_PENDING_HIGH = 64 * 1024
+PACED_PENDING_LOW = 16 * 1024
+
+
+class PacedTelegramSide(TelegramSide):
+    """:class:`TelegramSide` whose records to the client leave one at a time, each after
+    a delay from the worker's :class:`~mtgworkers.pacing.Pacer` (``[defense.doppelganger]
+    pacing``), as mtg's doppelganger does.
+
+    Decrypted DC bytes wait in ``pending``; a record takes whatever is waiting, up to the
+    current size limit (DRS on top when enabled). When the delay passes with nothing to
+    send, the next bytes go out at once and start the next delay. Reading from the DC
+    pauses above :data:`PACED_PENDING_HIGH` bytes waiting. When the DC closes, what is
+    still waiting is written at once, so the client gets every byte.
+    """
+
+    __slots__ = ("pacer", "pending", "ready", "sizes", "stopped")
+
+    def __init__(
+        self,
+        session: SessionHooks,
+        peer: asyncio.Transport | None,
+        decrypt: Callable[[bytes], bytes],
+        encrypt: Callable[[bytes], bytes],
+        *,
+        pacer: Pacer,
+        drs: bool,
+    ) -> None:
+        super().__init__(session, peer, decrypt, encrypt)
+        self.pacer = pacer
+        self.pending = bytearray()
+        self.ready = False  # the delay passed with nothing to send
+        self.stopped = False
+        self.sizes = RecordSizes(drs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.pacer.after(self, self.pacer.delay())  # mtg: the first record waits too
+
+    def data_received(self, data: bytes) -> None:
+        out = self.encrypt(self.decrypt(data))
+        session = self.session
+        session.touched = True
+        session.bytes_to_client += len(out)
+        pending = self.pending
+        if not pending:
+            self.sizes.burst()
+        pending += out
+        if self.ready:
+            self.ready = False
+            self._send()
+        if len(pending) > PACED_PENDING_HIGH:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def due(self) -> None:
+        if self.stopped:
+            return
+        if self.pending:
+            self._send()
+        else:
+            self.ready = True
+
+    def _send(self) -> None:
+        peer = self.peer
+        pacer = self.pacer
+        if peer is None or peer.is_closing():
+            return
+        if peer.get_write_buffer_size() < WRITE_BUFFER_HIGH:  # else: a slow client, wait
+            pending = self.pending
+            limit = self.sizes.next()
+            chunk = bytes(pending[:limit])
+            del pending[:limit]
+            try:
+                peer.write(record_header(len(chunk)) + chunk)
+            except RuntimeError:  # the peer's handle closed in this loop iteration
+                self.session.side_failed(self, "peer connection is closed")
+                return
+            if len(pending) <= PACED_PENDING_LOW:
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.resume_reading()
+        pacer.after(self, pacer.delay())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stopped = True
+        pending = self.pending
+        peer = self.peer
+        if pending and peer is not None and not peer.is_closing():
+            try:
+                peer.write(wrap_application_data(pending))
+            except RuntimeError:
+                pass
+        self.pending = bytearray()
+        super().connection_lost(exc)

@@ -31,6 +31,7 @@ from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import Resolver, make_resolver
 from mtgworkers.net.http import url_fetcher
+from mtgworkers.pacing import Pacer
 from mtgworkers.session import ClientSession
 from mtgworkers.telegram_updater import PublicConfigUpdater
 
@@ -231,6 +232,8 @@ class Worker:
         self._proxy_trusted = None if trusted is None else IPList(trusted)
         self.prefer_ip = config.prefer_ip
         self.drs = config.defense.doppelganger.drs
+        # one scheduler for every paced connection of this worker (None: pacing off)
+        self.pacer = Pacer(loop) if config.defense.doppelganger.pacing else None
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
         self.dc_table = DCTable(overrides=config.dc_overrides)
         self.resolver = resolver
@@ -419,6 +422,8 @@ class Worker:
         # aborted transports report connection_lost on the next loop iterations: wait for
         # every session to finish (events, limiter release) before the loop goes away
         await self._sessions_ended(1.0, accepting=False)
+        if self.pacer is not None:
+            self.pacer.close()
 
     # -- admission ------------------------------------------------------------------------
 

@@ -39,7 +39,14 @@ from mtgworkers.protocol.handshake import (
     Reply,
     ServerHandshake,
 )
-from mtgworkers.relay import ClientSide, DRSTelegramSide, RawSide, Side, TelegramSide
+from mtgworkers.relay import (
+    ClientSide,
+    DRSTelegramSide,
+    PacedTelegramSide,
+    RawSide,
+    Side,
+    TelegramSide,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -289,10 +296,21 @@ class ClientSession(asyncio.Protocol):
         )
         client_transport = self.transport
         assert client_transport is not None
-        side_class = DRSTelegramSide if worker.drs else TelegramSide
-        dc_side = side_class(
-            self, client_transport, dc_decryptor.update, handshake.encryptor.update
-        )
+        dc_side: TelegramSide
+        if worker.pacer is not None:
+            dc_side = PacedTelegramSide(
+                self,
+                client_transport,
+                dc_decryptor.update,
+                handshake.encryptor.update,
+                pacer=worker.pacer,
+                drs=worker.drs,
+            )
+        else:
+            side_class = DRSTelegramSide if worker.drs else TelegramSide
+            dc_side = side_class(
+                self, client_transport, dc_decryptor.update, handshake.encryptor.update
+            )
         try:
             peer = sock.getpeername()
             upstream, _ = await worker.loop.create_connection(lambda: dc_side, sock=sock)
