@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 from mtgworkers.defense.iplist import Network as IPNetwork
 from mtgworkers.defense.iplist import _parse_entry as parse_network
+from mtgworkers.netaddr import bracket_host, join_host_port
 from mtgworkers.protocol.secret import Secret, SecretError
 
 if sys.version_info >= (3, 11):
@@ -135,7 +136,7 @@ class HostPort:
     port: int
 
     def __str__(self) -> str:
-        return _join_host_port(self.host, self.port)
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class ProxyURL:
             if self.password is not None:
                 userinfo += ":" + REDACTED
             userinfo += "@"
-        return f"{self.scheme}://{userinfo}{_join_host_port(self.host, self.port)}"
+        return f"{self.scheme}://{userinfo}{join_host_port(self.host, self.port)}"
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ class Config:
                 "timeout": format_duration(self.doctor.timeout),
             },
             "dc-overrides": {
-                str(dc): [_join_host_port(host, port) for host, port in addresses]
+                str(dc): [join_host_port(host, port) for host, port in addresses]
                 for dc, addresses in self.dc_overrides.items()
             },
         }
@@ -971,7 +972,7 @@ def parse_dns(text: str) -> str:
     bracketed = text.startswith("[") and text.endswith("]")
     bare = _ip_or_none(text[1:-1] if bracketed else text)
     if bare is not None and (":" in bare or not bracketed):
-        return "udp://" + (f"[{bare}]" if ":" in bare else bare)
+        return "udp://" + bracket_host(bare)
     shown = _redact_url(text)
     url = _split_url(text, shown)
     if url.authority is None or not url.host:
@@ -1079,7 +1080,7 @@ def format_ntp_server(server: tuple[str, int]) -> str:
     host, port = server
     if port == NTP_PORT:
         return host
-    return _join_host_port(host, port)
+    return join_host_port(host, port)
 
 
 def parse_echo_url(text: str) -> str:
@@ -1356,7 +1357,7 @@ def _parse_network(section: _Section) -> tuple[Network, bool]:
     doh_ip = section.string("doh-ip", parse_ip, None)
     dns = section.string("dns", parse_dns, None)
     if dns is None and doh_ip is not None:
-        dns = "https://" + (f"[{doh_ip}]" if ":" in doh_ip else doh_ip)
+        dns = "https://" + bracket_host(doh_ip)
 
     timeout_section = section.section("timeout")
     timeout = Timeouts(
@@ -1490,7 +1491,3 @@ def _parse_dc_overrides(section: _Section) -> Mapping[int, tuple[tuple[str, int]
         overrides[dc] = addresses
     section.finish()
     return types.MappingProxyType(overrides)
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -36,6 +36,7 @@ from mtgworkers.doctor.tlsclient import (
 )
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import DOH_ALPN, make_resolver
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol import proxyproto
 from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG, local_addresses
 
@@ -150,10 +151,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}ms"
 
 
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # -- 1. deprecated options ---------------------------------------------------------------
 
 
@@ -257,12 +254,14 @@ async def _dial_dc(
                 dialer.open_socket(host, port, use_proxies=use_proxies), ctx.timeout * 2
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            errors.append(_reason(exc) if str(exc) else f"cannot dial to {_join(host, port)}")
+            errors.append(
+                _reason(exc) if str(exc) else f"cannot dial to {join_host_port(host, port)}"
+            )
             continue
         sock.close()
         elapsed = time.monotonic() - started
-        figures = {"address": _join(host, port), "seconds": elapsed, "failed": errors}
-        return Status.OK, f"DC {dc} ({_join(host, port)}, {_ms(elapsed)})", figures
+        figures = {"address": join_host_port(host, port), "seconds": elapsed, "failed": errors}
+        return Status.OK, f"DC {dc} ({join_host_port(host, port)}, {_ms(elapsed)})", figures
     return Status.FAILURE, f"DC {dc}: {errors[-1]}", {"errors": errors}
 
 
@@ -333,7 +332,7 @@ async def check_fronting(ctx: Context, section: Section) -> None:
     """
     config = ctx.config
     host, port = fronting_address(config)
-    shown = _join(host, port)
+    shown = join_host_port(host, port)
     name = config.secret.host
     try:
         resolved = await ctx.resolver.resolve(host)
@@ -344,7 +343,7 @@ async def check_fronting(ctx: Context, section: Section) -> None:
     if loop_ip is not None:
         section.add(
             Status.FAILURE,
-            f"{shown}: fronting would loop: {_join(loop_ip, port)} is this proxy's own "
+            f"{shown}: fronting would loop: {join_host_port(loop_ip, port)} is this proxy's own "
             "listening address; set [domain-fronting] ip/port to the real website",
             address=shown,
         )

@@ -44,6 +44,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mtgworkers.netaddr import bracket_host, join_host_port
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DOH_ALPN",
@@ -386,7 +388,7 @@ class TlsResolver(_TlsServerResolver):
                     self.host,
                 )
             except (OSError, dns.exception.DNSException) as exc:
-                failures.append(f"{_hostport(address, self.port)}: {_describe(exc)}")
+                failures.append(f"{join_host_port(address, self.port)}: {_describe(exc)}")
                 continue
             async with stream:
                 responses: list[dns.message.Message | BaseException] = []
@@ -533,12 +535,12 @@ class HttpsResolver(_TlsServerResolver):
                     limit=_MAX_HTTP_HEAD,
                 )
             except OSError as exc:
-                failures.append(f"{_hostport(address, self.port)}: {_describe(exc)}")
+                failures.append(f"{join_host_port(address, self.port)}: {_describe(exc)}")
         raise _QueryError(f"cannot connect to DNS-over-HTTPS server: {'; '.join(failures)}")
 
     def _authority(self) -> str:
         """The Host header / :authority: the port only when it is not 443."""
-        return _hostport(self.host, self.port) if self.port != 443 else _bracket(self.host)
+        return join_host_port(self.host, self.port) if self.port != 443 else bracket_host(self.host)
 
     def _request_head(self, length: int) -> bytes:
         return (
@@ -667,14 +669,6 @@ def _h2_check_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
     length = fields.get("content-length", "")
     if length.isdigit() and int(length) > _MAX_DNS_MESSAGE:
         raise _QueryError(f"DNS-over-HTTPS answer too large: {int(length)} bytes")
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"{_bracket(host)}:{port}"
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes:
