@@ -1,0 +1,165 @@
+"""prefer-ip, tag formats, metric prefixes, HTTP paths, bounded numbers, paths and DC
+numbers (mtgworkers.config.scalars)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+from mtgworkers.config import (
+    ConfigError,
+    parse_concurrency,
+    parse_dc_number,
+    parse_error_rate,
+    parse_http_path,
+    parse_metric_prefix,
+    parse_prefer_ip,
+    parse_tag_format,
+)
+from tests.unit.config.helpers import (
+    HOSTILE_TEXT,
+    raises_only_config_error,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Bounded integers: concurrency (TypeConcurrency)
+
+
+@pytest.mark.parametrize("value", [1, 2, 9, 8192, 65535])
+def test_parse_concurrency_ok(value: int) -> None:
+    assert parse_concurrency(value) == value
+
+
+@pytest.mark.parametrize("value", [0, -1, 65536, 2**40])
+def test_parse_concurrency_errors(value: int) -> None:
+    with pytest.raises(ConfigError, match=r"1\.\.65535"):
+        parse_concurrency(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error rate, prefer-ip, tag format, metric prefix, http path
+
+
+@pytest.mark.parametrize("value", [0.001, 1.0, 50.0, 99.999, 1e-9])
+def test_parse_error_rate_ok(value: float) -> None:
+    assert parse_error_rate(value) == value
+
+
+# mtg's type_error_rate_test.go rejects "1e2" and "-1.0"; its other cases are not numbers,
+# which TOML itself cannot express as a float (see test_wrong_toml_type).
+@pytest.mark.parametrize("value", [1e2, -1.0, 0.0, 100.5, math.inf, -math.inf, math.nan])
+def test_parse_error_rate_errors(value: float) -> None:
+    with pytest.raises(ConfigError, match="0 < x < 100"):
+        parse_error_rate(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("prefer-ipv4", "prefer-ipv4"),
+        ("prefer-ipv6", "prefer-ipv6"),
+        ("only-ipv4", "only-ipv4"),
+        ("only-ipv6", "only-ipv6"),
+        ("ONLY-IPV4", "only-ipv4"),
+        ("Prefer-IPv6", "prefer-ipv6"),
+    ],
+)
+def test_parse_prefer_ip_ok(text: str, value: str) -> None:
+    assert parse_prefer_ip(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "prefer", "preferipv4", "prefer-ipv4_", "ipv4", " only-ipv4"])
+def test_parse_prefer_ip_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="unsupported ip preference"):
+        parse_prefer_ip(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("datadog", "datadog"),
+        ("influxdb", "influxdb"),
+        ("graphite", "graphite"),
+        ("DATADOG", "datadog"),
+        ("InfluxDB", "influxdb"),
+        ("GRAPHITE", "graphite"),
+    ],
+)
+def test_parse_tag_format_ok(text: str, value: str) -> None:
+    assert parse_tag_format(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "dogdog", "statsd", "datadog "])
+def test_parse_tag_format_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="unknown tag format"):
+        parse_tag_format(text)
+
+
+@pytest.mark.parametrize("text", ["mtg", "abc123", "0", "mtgproxy"])
+def test_parse_metric_prefix_ok(text: str) -> None:
+    assert parse_metric_prefix(text) == text
+
+
+@pytest.mark.parametrize(
+    # mtg's type_metric_prefix_test.go, then: no dots, no upper case, no trailing newline
+    "text",
+    ["", "-", "hello/world", "lala*", "++sdf++", "mtg.", "MTG", "mtg\n", "mtg_proxy"],
+)
+def test_parse_metric_prefix_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="incorrect metric prefix"):
+        parse_metric_prefix(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        # mtg's type_http_path_test.go
+        ("", "/"),
+        ("/", "/"),
+        ("/path", "/path"),
+        ("path", "/path"),
+        # more
+        ("/metrics/", "/metrics"),
+        ("//a/b//", "/a/b"),
+        ("///", "/"),
+    ],
+)
+def test_parse_http_path(text: str, path: str) -> None:
+    assert parse_http_path(text) == path
+
+
+# ---------------------------------------------------------------------------------------------
+# [dc-overrides] keys
+
+
+@pytest.mark.parametrize(
+    ("text", "dc"),
+    [("2", 2), ("-2", -2), ("10002", 10002), ("203", 203), ("32767", 32767), ("-32768", -32768)],
+)
+def test_parse_dc_number_ok(text: str, dc: int) -> None:
+    assert parse_dc_number(text) == dc
+
+
+@pytest.mark.parametrize(
+    "text", ["0", "-0", "02", "+2", "abc", "", "32768", "-32769", "2.0", " 2", "1" * 5000]
+)
+def test_parse_dc_number_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="incorrect dc number"):
+        parse_dc_number(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: hostile text raises ConfigError and nothing else
+
+
+@pytest.mark.parametrize(
+    "parser",
+    [parse_prefer_ip, parse_tag_format, parse_metric_prefix, parse_http_path, parse_dc_number],
+)
+@settings(max_examples=150, deadline=None)
+@given(text=HOSTILE_TEXT)
+def test_text_parsers_raise_only_config_error(parser: Any, text: str) -> None:
+    raises_only_config_error(parser, text)
