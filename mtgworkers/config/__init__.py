@@ -33,10 +33,10 @@ the parts live in:
   - :mod:`~mtgworkers.config.units`: durations and byte sizes (parse and format);
   - :mod:`~mtgworkers.config.addresses`: IPs, ports, :class:`HostPort`, CIDR networks,
     ``[dc-overrides]`` addresses, NTP servers;
-  - :mod:`~mtgworkers.config.urls`: ``network.dns``, :class:`ProxyURL`, doppelganger,
-    IP-list and IP echo URLs;
-  - :mod:`~mtgworkers.config.scalars`: prefer-ip, tag format, metric prefix, HTTP path,
-    bounded integers, error rate, pid and CA files, DC numbers;
+  - :mod:`~mtgworkers.config.urls`: :class:`DnsServer` (``network.dns``),
+    :class:`ProxyURL`, doppelganger, IP-list and IP echo URLs;
+  - :mod:`~mtgworkers.config.scalars`: :class:`PreferIP`, tag format, metric prefix, HTTP
+    path, bounded integers, error rate, pid and CA files, DC numbers;
 
 - :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse` and :func:`load`, which
   prefix a value's reason with the full dotted key, e.g.
@@ -86,6 +86,7 @@ from mtgworkers.config.scalars import (
     MAX_WORKERS,
     PREFER_IP_VALUES,
     TAG_FORMATS,
+    PreferIP,
     parse_ca_file,
     parse_concurrency,
     parse_dc_number,
@@ -99,6 +100,7 @@ from mtgworkers.config.scalars import (
 )
 from mtgworkers.config.units import format_bytes, format_duration, parse_bytes, parse_duration
 from mtgworkers.config.urls import (
+    DnsServer,
     ProxyURL,
     parse_dns,
     parse_echo_url,
@@ -120,6 +122,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Defense",
+    "DnsServer",
     "Doctor",
     "DomainFronting",
     "Doppelganger",
@@ -127,6 +130,7 @@ __all__ = [
     "IPListConfig",
     "KeepAlive",
     "Network",
+    "PreferIP",
     "Prometheus",
     "ProxyURL",
     "Stats",

@@ -47,6 +47,7 @@ from mtgworkers.config.model import (
     Timeouts,
 )
 from mtgworkers.config.scalars import (
+    PreferIP,
     parse_ca_file,
     parse_concurrency,
     parse_dc_number,
@@ -260,7 +261,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
         if "proxy-protocol-trusted" in root.names()
         else None,
         concurrency=root.integer("concurrency", parse_concurrency, 4096),
-        prefer_ip=root.string("prefer-ip", parse_prefer_ip, "prefer-ipv6"),
+        prefer_ip=root.string("prefer-ip", parse_prefer_ip, PreferIP.PREFER_IPV6),
         public_ipv4=root.string("public-ipv4", parse_ip, None),
         public_ipv6=root.string("public-ipv6", parse_ip, None),
         auto_update=root.flag("auto-update"),
@@ -283,7 +284,7 @@ def _parse_network(section: _Section) -> tuple[Network, bool]:
     doh_ip = section.string("doh-ip", parse_ip, None)
     dns = section.string("dns", parse_dns, None)
     if dns is None and doh_ip is not None:
-        dns = "https://" + bracket_host(doh_ip)
+        dns = parse_dns("https://" + bracket_host(doh_ip))
 
     timeout_section = section.section("timeout")
     timeout = Timeouts(

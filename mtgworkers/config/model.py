@@ -1,8 +1,9 @@
 """The parsed configuration: frozen dataclasses, one per TOML table, and their JSON dump.
 
 :class:`Config` is the whole file with defaults applied (mtg's code defaults); its fields
-hold parsed values (:class:`~mtgworkers.config.addresses.HostPort`,
-:class:`~mtgworkers.config.urls.ProxyURL`, seconds as floats, sizes as ints).
+hold typed values (:class:`~mtgworkers.config.addresses.HostPort`,
+:class:`~mtgworkers.config.urls.DnsServer`, :class:`~mtgworkers.config.scalars.PreferIP`,
+seconds as floats, sizes as ints), so no consumer parses text again.
 :meth:`Config.to_json_dict` gives it back shaped like the file, secrets redacted.
 :func:`warnings` lists valid settings an operator should hear about.
 
@@ -18,8 +19,9 @@ from typing import Any
 
 from mtgworkers.config.addresses import NTP_PORT, HostPort, format_ntp_server
 from mtgworkers.config.errors import REDACTED
+from mtgworkers.config.scalars import PreferIP
 from mtgworkers.config.units import format_bytes, format_duration
-from mtgworkers.config.urls import ProxyURL, _redact_url
+from mtgworkers.config.urls import DnsServer, ProxyURL, _redact_url
 from mtgworkers.defense.iplist import Network as IPNetwork
 from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol.secret import Secret
@@ -74,7 +76,7 @@ class KeepAlive:
 
 @dataclass(frozen=True)
 class Network:
-    dns: str | None = None  # None: system resolver; else "udp://IP[:port]", "tls://…", "https://…"
+    dns: DnsServer | None = None  # None: the system resolver
     proxies: tuple[ProxyURL, ...] = ()
     timeout: Timeouts = field(default_factory=Timeouts)
     keep_alive: KeepAlive = field(default_factory=KeepAlive)
@@ -172,7 +174,7 @@ class Config:
     # EXTENSION: networks allowed to send a PROXY header; None = anyone (mtg's behaviour)
     proxy_protocol_trusted: tuple[IPNetwork, ...] | None = None
     concurrency: int = 4096
-    prefer_ip: str = "prefer-ipv6"
+    prefer_ip: PreferIP = PreferIP.PREFER_IPV6
     public_ipv4: str | None = None
     public_ipv6: str | None = None
     auto_update: bool = False
@@ -211,7 +213,7 @@ class Config:
             if self.proxy_protocol_trusted is None
             else [str(network) for network in self.proxy_protocol_trusted],
             "concurrency": self.concurrency,
-            "prefer-ip": self.prefer_ip,
+            "prefer-ip": str(self.prefer_ip),
             "public-ipv4": self.public_ipv4,
             "public-ipv6": self.public_ipv6,
             "auto-update": self.auto_update,
@@ -223,7 +225,7 @@ class Config:
                 "proxy-protocol": self.domain_fronting.proxy_protocol,
             },
             "network": {
-                "dns": self.network.dns,
+                "dns": _format_optional(self.network.dns),
                 "proxies": [str(proxy) for proxy in self.network.proxies],
                 "timeout": {
                     "tcp": _format_optional_duration(timeout.tcp),

@@ -1,7 +1,8 @@
 """Single values that are neither addresses, URLs nor durations: enumerations, bounded
 integers and floats, metric names and file paths.
 
-- ``prefer-ip`` (:data:`PREFER_IP_VALUES`);
+- :class:`PreferIP` (``prefer-ip``), the one list of IP preferences: config, the DC table
+  (:mod:`mtgworkers.dcs`) and simple-run's ``--prefer-ip`` all use it;
 - statsd ``tag-format`` (:data:`TAG_FORMATS`), ``metric-prefix``, Prometheus ``http-path``;
 - integers: ``concurrency`` and its kin, ``[supervisor] workers``, ``[dc-overrides]`` keys;
 - the anti-replay ``error-rate``;
@@ -12,6 +13,7 @@ Each parser raises :class:`~mtgworkers.config.errors.ConfigError` with the reaso
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import re
@@ -23,6 +25,7 @@ __all__ = [
     "MAX_WORKERS",
     "PREFER_IP_VALUES",
     "TAG_FORMATS",
+    "PreferIP",
     "parse_ca_file",
     "parse_concurrency",
     "parse_dc_number",
@@ -36,19 +39,37 @@ __all__ = [
 ]
 
 
-PREFER_IP_VALUES = ("prefer-ipv4", "prefer-ipv6", "only-ipv4", "only-ipv6")
+class PreferIP(str, enum.Enum):
+    """``prefer-ip``: which family of Telegram DC addresses is tried first, or the only one.
+
+    A ``str`` enum: members compare equal to their text (``PreferIP.ONLY_IPV4 ==
+    "only-ipv4"``) and ``str()`` gives the text, as the config file spells it.
+    """
+
+    PREFER_IPV6 = "prefer-ipv6"
+    PREFER_IPV4 = "prefer-ipv4"
+    ONLY_IPV6 = "only-ipv6"
+    ONLY_IPV4 = "only-ipv4"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The values in the order the usage text and messages list them (the default first).
+PREFER_IP_VALUES = tuple(member.value for member in PreferIP)
 TAG_FORMATS = ("datadog", "influxdb", "graphite")
 
 # [supervisor] workers: at most this many worker processes (0 means one per CPU).
 MAX_WORKERS = 256
 
 
-def parse_prefer_ip(text: str) -> str:
+def parse_prefer_ip(text: str) -> PreferIP:
     """Parse ``prefer-ip`` (case-insensitive): prefer-ipv4, prefer-ipv6, only-ipv4, only-ipv6."""
     value = text.lower()
-    if value not in PREFER_IP_VALUES:
-        raise ConfigError(f"unsupported ip preference: {value}")
-    return value
+    try:
+        return PreferIP(value)
+    except ValueError:
+        raise ConfigError(f"unsupported ip preference: {value}") from None
 
 
 def parse_tag_format(text: str) -> str:

@@ -5,7 +5,8 @@ A small subset of Go's ``url.Parse`` (:func:`_split_url`) tells the forms mtg ac
 each kind has one parser on top of it, raising :class:`~mtgworkers.config.errors.ConfigError`
 with the reason (passwords replaced by ``REDACTED`` in every message):
 
-- :func:`parse_dns`: ``https://``, ``tls://``, ``udp://`` or a bare IP, normalised text;
+- :func:`parse_dns` -> :class:`DnsServer`: scheme, host, port and DoH path, defaults filled
+  in, so :func:`mtgworkers.net.dns.make_resolver` uses it without parsing again;
 - :func:`parse_proxy_url` -> :class:`ProxyURL`: ``socks5[h]://[user[:password]@]host[:port]``;
 - :func:`parse_https_url` (doppelganger), :func:`parse_list_url` (IP lists: a file or an
   http(s) URL), :func:`parse_echo_url` (``[doctor] ip-echo-urls``): normalised text.
@@ -17,13 +18,19 @@ import os
 import re
 import stat
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, cast
 
 from mtgworkers.config.addresses import _host_or_ip, _ip_or_none, _port_from_text
 from mtgworkers.config.errors import REDACTED, ConfigError
 from mtgworkers.netaddr import bracket_host, join_host_port
 
 __all__ = [
+    "DNS_DEFAULT_PORTS",
+    "DOH_DEFAULT_PATH",
+    "DnsServer",
     "ProxyURL",
     "parse_dns",
     "parse_echo_url",
@@ -31,6 +38,36 @@ __all__ = [
     "parse_list_url",
     "parse_proxy_url",
 ]
+
+DnsScheme = Literal["udp", "tls", "https"]
+
+# Ports and the DoH path used when network.dns does not name them.
+DNS_DEFAULT_PORTS: Mapping[str, int] = MappingProxyType({"udp": 53, "tls": 853, "https": 443})
+DOH_DEFAULT_PATH = "/dns-query"
+
+
+@dataclass(frozen=True)
+class DnsServer:
+    """``network.dns``: the server that resolves names, and how to speak to it.
+
+    ``scheme`` is ``udp`` (plain DNS, ``host`` an IP literal), ``tls`` (DNS-over-TLS) or
+    ``https`` (DNS-over-HTTPS); ``host`` is a canonical IP literal (no brackets) or a host
+    name (lower-cased); ``port`` and, for DoH, ``path`` (with the query, if any) have their
+    defaults filled in (53, 853, 443; ``/dns-query``). ``text`` is the value as configured
+    (scheme lower-cased, a bare IP written as ``udp://IP``): ``str()`` and the JSON dump
+    show it.
+    """
+
+    scheme: DnsScheme
+    host: str
+    port: int
+    path: str = ""  # DoH only: the request target, e.g. "/dns-query" or "/q?ct=1"
+    text: str = ""
+
+    def __str__(self) -> str:
+        if self.text:
+            return self.text
+        return f"{self.scheme}://{join_host_port(self.host, self.port)}{self.path}"
 
 
 @dataclass(frozen=True)
@@ -176,34 +213,42 @@ def _url_port(url: _URL, default: int | None, context: str) -> int | None:
     return _port_from_text(url.port, context)
 
 
-def parse_dns(text: str) -> str:
-    """Parse ``network.dns`` and return it normalised.
+def parse_dns(text: str) -> DnsServer:
+    """Parse ``network.dns`` into a :class:`DnsServer`.
 
     Forms: ``https://host[:port][/path]`` (DoH), ``tls://host[:port]`` (DoT),
-    ``udp://IP[:port]`` or a bare IP (plain DNS; returned as ``udp://IP``). No user info;
-    a path only for DoH. Raises ConfigError.
+    ``udp://IP[:port]`` or a bare IP (plain DNS; its text becomes ``udp://IP``). No user
+    info; a path only for DoH (a query is kept in the DoH path, a fragment is dropped).
+    Raises ConfigError.
     """
     bracketed = text.startswith("[") and text.endswith("]")
     bare = _ip_or_none(text[1:-1] if bracketed else text)
     if bare is not None and (":" in bare or not bracketed):
-        return "udp://" + bracket_host(bare)
+        return DnsServer("udp", bare, DNS_DEFAULT_PORTS["udp"], text="udp://" + bracket_host(bare))
     shown = _redact_url(text)
     url = _split_url(text, shown)
     if url.authority is None or not url.host:
         raise ConfigError(
             f"unsupported DNS address {shown}: expected https://, tls://, udp:// or IP"
         )
-    if url.scheme not in ("https", "tls", "udp"):
+    if url.scheme not in DNS_DEFAULT_PORTS:
         raise ConfigError(f"unsupported DNS type {url.scheme or '(none)'}: {shown}")
     if url.username is not None:
         raise ConfigError(f"user info is not supported: {shown}")
     if url.scheme != "https" and url.path:
         raise ConfigError(f"path is supported only for DoH: {shown}")
     host = _url_host(url, shown)
-    _url_port(url, None, shown)
-    if url.scheme == "udp" and _ip_or_none(host) is None:
+    scheme = cast(DnsScheme, url.scheme)  # one of the three, checked above
+    port = _url_port(url, DNS_DEFAULT_PORTS[scheme], shown)
+    assert port is not None
+    is_ip = _ip_or_none(host) is not None
+    if scheme == "udp" and not is_ip:
         raise ConfigError(f"simple DNS must be an IP address: {url.host}")
-    return url.text
+    path = ""
+    if scheme == "https":
+        query = url.rest[1:].partition("#")[0] if url.rest.startswith("?") else ""
+        path = (url.path or DOH_DEFAULT_PATH) + (f"?{query}" if query else "")
+    return DnsServer(scheme, host if is_ip else host.lower(), port, path, url.text)
 
 
 def parse_proxy_url(text: str) -> ProxyURL:

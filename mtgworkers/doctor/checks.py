@@ -122,9 +122,9 @@ class Context:
         timeout = timeout or doctor.timeout
         ca_file = ca_file or doctor.ca_file
         dns_context = None
-        if ca_file and config.network.dns and config.network.dns.startswith(("tls:", "https:")):
-            alpn = DOH_ALPN if config.network.dns.startswith("https:") else ()
-            dns_context = verifying_context(ca_file, alpn)
+        dns = config.network.dns
+        if ca_file and dns is not None and dns.scheme in ("tls", "https"):
+            dns_context = verifying_context(ca_file, DOH_ALPN if dns.scheme == "https" else ())
         if ca_file:
             verifying_context(ca_file)  # fail early, with the file's name, if it is unusable
         resolver = make_resolver(config.network.dns, timeout=timeout, ssl_context=dns_context)

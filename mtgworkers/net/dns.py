@@ -1,6 +1,7 @@
 """Name resolution for outgoing connections (protocol.md §12).
 
-``make_resolver(network.dns)`` picks one of:
+``make_resolver(network.dns)`` picks one of these by the config's
+:class:`~mtgworkers.config.DnsServer` (which has the defaults filled in):
 
 - ``None``                      the system resolver (``getaddrinfo``: /etc/hosts, nsswitch);
 - ``udp://IP[:port]`` or ``IP``  classic DNS to that server, retried over TCP when truncated;
@@ -28,7 +29,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
-from urllib.parse import urlsplit
 
 import dns.asyncbackend
 import dns.asyncquery
@@ -44,6 +44,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mtgworkers.config.errors import ConfigError
+from mtgworkers.config.urls import DnsServer, parse_dns
 from mtgworkers.netaddr import bracket_host, join_host_port
 
 __all__ = [
@@ -769,7 +771,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 def make_resolver(
-    dns: str | None,
+    dns: DnsServer | str | None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
@@ -777,41 +779,37 @@ def make_resolver(
 ) -> Resolver:
     """The resolver for ``[network].dns`` (None = system resolver).
 
-    ``ssl_context`` replaces the system trust store for DoT/DoH (tests);
-    ``timeout`` bounds each resolve(). Raises ValueError for a form that is
-    not one of udp://IP[:port], IP, tls://host[:port], https://host[:port][/path].
+    ``dns`` is the config's :class:`~mtgworkers.config.DnsServer`, used as it is; a string
+    (tests, tools) is parsed with :func:`mtgworkers.config.parse_dns`, the rules of the
+    config file, and an empty one means the system resolver. ``ssl_context`` replaces the
+    system trust store for DoT/DoH (tests); ``timeout`` bounds each resolve(). Raises
+    ValueError for a string that is not one of udp://IP[:port], IP, tls://host[:port],
+    https://host[:port][/path].
     """
-    if dns is None or not dns.strip():
+    if isinstance(dns, str):
+        server = _parse_server(dns)
+        if server is None:
+            return SystemResolver(timeout=timeout, clock=clock)
+    elif dns is None:
         return SystemResolver(timeout=timeout, clock=clock)
-    text = dns.strip()
-    if _ip_literal(text) is not None:
-        return UdpResolver(text, timeout=timeout, clock=clock)
-    url = urlsplit(text)
-    scheme = url.scheme.lower()
-    try:
-        host = url.hostname
-        port = url.port
-    except ValueError as exc:
-        raise ValueError(f"invalid DNS address {dns!r}: {exc}") from None
-    if not host:
-        raise ValueError(f"invalid DNS address {dns!r}: no host")
-    if url.username is not None or url.password is not None:
-        raise ValueError(f"invalid DNS address {dns!r}: user info is not allowed")
-    if scheme == "udp":
-        if url.path not in ("", "/"):
-            raise ValueError(f"invalid DNS address {dns!r}: a path is only allowed for https")
-        if _ip_literal(host) is None:
-            raise ValueError(f"invalid DNS address {dns!r}: udp needs an IP address")
-        return UdpResolver(host, port or 53, timeout=timeout, clock=clock)
-    if scheme == "tls":
-        if url.path not in ("", "/"):
-            raise ValueError(f"invalid DNS address {dns!r}: a path is only allowed for https")
-        return TlsResolver(host, port or 853, ssl_context=ssl_context, timeout=timeout, clock=clock)
-    if scheme == "https":
-        path = url.path or "/dns-query"
-        if url.query:
-            path = f"{path}?{url.query}"
-        return HttpsResolver(
-            host, port or 443, path, ssl_context=ssl_context, timeout=timeout, clock=clock
+    else:
+        server = dns
+    if server.scheme == "udp":
+        return UdpResolver(server.host, server.port, timeout=timeout, clock=clock)
+    if server.scheme == "tls":
+        return TlsResolver(
+            server.host, server.port, ssl_context=ssl_context, timeout=timeout, clock=clock
         )
-    raise ValueError(f"unsupported DNS scheme {url.scheme!r} in {dns!r}")
+    return HttpsResolver(
+        server.host, server.port, server.path, ssl_context=ssl_context, timeout=timeout, clock=clock
+    )
+
+
+def _parse_server(text: str) -> DnsServer | None:
+    """A ``network.dns`` string as the config file reads it; None when it is blank."""
+    if not text.strip():
+        return None
+    try:
+        return parse_dns(text.strip())
+    except ConfigError as exc:
+        raise ValueError(f"invalid DNS address {text!r}: {exc}") from None

@@ -19,7 +19,9 @@ from mtgworkers import config, publicip
 from mtgworkers.config import (
     Config,
     ConfigError,
+    DnsServer,
     HostPort,
+    PreferIP,
     ProxyURL,
     load,
     parse,
@@ -70,7 +72,7 @@ def test_minimal_config_defaults_are_the_code_defaults() -> None:
     assert cfg.network.keep_alive == config.KeepAlive(False, 15.0, 15.0, 9)
     assert cfg.tolerate_time_skewness == 3.0
     assert cfg.concurrency == 4096
-    assert cfg.prefer_ip == "prefer-ipv6"
+    assert cfg.prefer_ip is PreferIP.PREFER_IPV6
     assert cfg.domain_fronting == config.DomainFronting(host=None, port=443, proxy_protocol=False)
     assert cfg.public_ipv4 is None and cfg.public_ipv6 is None
     assert not (cfg.debug or cfg.auto_update or cfg.allow_fallback_on_unknown_dc)
@@ -95,12 +97,12 @@ def test_mtg_example_config_with_every_key(tmp_path: pathlib.Path) -> None:
     assert cfg.allow_fallback_on_unknown_dc
     assert cfg.bind_to == HostPort("0.0.0.0", 3128)
     assert cfg.concurrency == 8192
-    assert cfg.prefer_ip == "prefer-ipv6"
+    assert cfg.prefer_ip is PreferIP.PREFER_IPV6
     assert (cfg.public_ipv4, cfg.public_ipv6) == ("203.0.113.1", "2001:db8::1")
     assert cfg.tolerate_time_skewness == 5.0
     # [domain-fronting] wins over the deprecated keys; proxy-protocol is OR-ed
     assert cfg.domain_fronting == config.DomainFronting("10.10.10.11", 8443, True)
-    assert cfg.network.dns == "https://1.1.1.1"
+    assert cfg.network.dns == DnsServer("https", "1.1.1.1", 443, "/dns-query", "https://1.1.1.1")
     assert cfg.network.proxies == (
         ProxyURL("socks5", "127.0.0.1", 1080, "user", "password"),
         ProxyURL("socks5h", "proxy.example", 1080),
@@ -245,8 +247,8 @@ def test_values_are_converted() -> None:
             }
         )
     )
-    assert cfg.prefer_ip == "only-ipv4"
-    assert cfg.network.dns == "udp://9.9.9.9"
+    assert cfg.prefer_ip is PreferIP.ONLY_IPV4
+    assert cfg.network.dns == DnsServer("udp", "9.9.9.9", 53, text="udp://9.9.9.9")
     assert cfg.network.timeout.handshake == 1.5
     assert cfg.network.timeout.tcp == 0.25
     assert cfg.network.keep_alive.idle == 60.0
@@ -311,7 +313,7 @@ def test_deprecated_domain_fronting_keys(
 )
 def test_deprecated_doh_ip(network: dict[str, Any], dns: str) -> None:
     cfg = parse(minimal(network=network))
-    assert cfg.network.dns == dns
+    assert str(cfg.network.dns) == dns
     assert cfg.deprecated == ("network.doh-ip",)
 
 

@@ -12,10 +12,7 @@ from typing import Any
 
 import pytest
 
-from mtgworkers.config import (
-    load,
-    parse,
-)
+from mtgworkers.config import Config, DnsServer, PreferIP, load, parse
 from tests.unit.config.helpers import (
     FIREHOL,
     MTG_EXAMPLE_TOML,
@@ -126,3 +123,17 @@ def _drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
         for key, value in data.items()
         if value is not None
     }
+
+
+def test_typed_values_and_their_json_form() -> None:
+    cfg = parse(minimal(**{"prefer-ip": "Only-IPv6", "network": {"dns": "TLS://[2001:DB8::53]"}}))
+    assert cfg.prefer_ip is PreferIP.ONLY_IPV6
+    assert cfg.network.dns == DnsServer("tls", "2001:db8::53", 853, "", "tls://[2001:DB8::53]")
+    data = json.loads(json.dumps(cfg.to_json_dict()))
+    assert data["prefer-ip"] == "only-ipv6"
+    assert data["network"]["dns"] == "tls://[2001:DB8::53]"
+    assert parse(minimal()).to_json_dict()["network"]["dns"] is None
+    # the defaults are typed too
+    default = Config(secret=cfg.secret, bind_to=cfg.bind_to)
+    assert default.prefer_ip is PreferIP.PREFER_IPV6
+    assert default.network.dns is None

@@ -3,14 +3,18 @@ numbers (mtgworkers.config.scalars)."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 
+from mtgworkers import dcs
 from mtgworkers.config import (
+    PREFER_IP_VALUES,
     ConfigError,
+    PreferIP,
     parse_concurrency,
     parse_dc_number,
     parse_error_rate,
@@ -68,13 +72,33 @@ def test_parse_error_rate_errors(value: float) -> None:
     ],
 )
 def test_parse_prefer_ip_ok(text: str, value: str) -> None:
-    assert parse_prefer_ip(text) == value
+    parsed = parse_prefer_ip(text)
+    assert parsed == value
+    assert parsed is PreferIP(value)
+    assert str(parsed) == f"{parsed}" == value
 
 
-@pytest.mark.parametrize("text", ["", "prefer", "preferipv4", "prefer-ipv4_", "ipv4", " only-ipv4"])
+@pytest.mark.parametrize(
+    "text", ["", "prefer", "preferipv4", "prefer-ipv4_", "ipv4", " only-ipv4", "ONLY-IPV5"]
+)
 def test_parse_prefer_ip_errors(text: str) -> None:
-    with pytest.raises(ConfigError, match="unsupported ip preference"):
+    with pytest.raises(ConfigError) as info:
         parse_prefer_ip(text)
+    assert str(info.value) == f"unsupported ip preference: {text.lower()}"
+
+
+def test_prefer_ip_is_one_enum() -> None:
+    assert [member.value for member in PreferIP] == [
+        "prefer-ipv6",
+        "prefer-ipv4",
+        "only-ipv6",
+        "only-ipv4",
+    ]
+    assert tuple(member.value for member in PreferIP) == PREFER_IP_VALUES
+    # the DC table takes the same values (and plain strings, case-insensitively)
+    assert dcs.PREFER_IP_VALUES is PREFER_IP_VALUES
+    assert PreferIP.ONLY_IPV4 == "only-ipv4"
+    assert json.dumps({"prefer-ip": PreferIP.ONLY_IPV6}) == '{"prefer-ip": "only-ipv6"}'
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,14 @@ from hypothesis import given, settings
 
 from mtgworkers.config import (
     ConfigError,
+    DnsServer,
     ProxyURL,
     parse_dns,
     parse_https_url,
     parse_list_url,
     parse_proxy_url,
 )
+from mtgworkers.config.urls import DNS_DEFAULT_PORTS, DOH_DEFAULT_PATH
 from tests.unit.config.helpers import (
     FIREHOL,
     HOSTILE_TEXT,
@@ -29,31 +31,97 @@ from tests.unit.config.helpers import (
 
 
 @pytest.mark.parametrize(
-    ("text", "value"),
+    ("text", "expected"),
     [
         # mtg's type_dns_uri_test.go
-        ("1.1.1.1", "udp://1.1.1.1"),
-        ("tls://1.1.1.1", "tls://1.1.1.1"),
-        ("tls://dns.google", "tls://dns.google"),
-        ("https://1.1.1.1", "https://1.1.1.1"),
-        ("https://1.1.1.1/dns-query", "https://1.1.1.1/dns-query"),
-        ("https://dns.google", "https://dns.google"),
-        ("https://dns.google/dns-query", "https://dns.google/dns-query"),
-        ("udp://1.1.1.1", "udp://1.1.1.1"),
+        ("1.1.1.1", DnsServer("udp", "1.1.1.1", 53, "", "udp://1.1.1.1")),
+        ("tls://1.1.1.1", DnsServer("tls", "1.1.1.1", 853, "", "tls://1.1.1.1")),
+        ("tls://dns.google", DnsServer("tls", "dns.google", 853, "", "tls://dns.google")),
+        ("https://1.1.1.1", DnsServer("https", "1.1.1.1", 443, "/dns-query", "https://1.1.1.1")),
+        (
+            "https://1.1.1.1/dns-query",
+            DnsServer("https", "1.1.1.1", 443, "/dns-query", "https://1.1.1.1/dns-query"),
+        ),
+        (
+            "https://dns.google",
+            DnsServer("https", "dns.google", 443, "/dns-query", "https://dns.google"),
+        ),
+        (
+            "https://dns.google/dns-query",
+            DnsServer("https", "dns.google", 443, "/dns-query", "https://dns.google/dns-query"),
+        ),
+        ("udp://1.1.1.1", DnsServer("udp", "1.1.1.1", 53, "", "udp://1.1.1.1")),
         # more
-        ("udp://1.1.1.1:53", "udp://1.1.1.1:53"),
-        ("udp://[2606:4700:4700::1111]:53", "udp://[2606:4700:4700::1111]:53"),
-        ("tls://dns.google:853", "tls://dns.google:853"),
-        ("https://[::1]:8443/q", "https://[::1]:8443/q"),
-        ("HTTPS://1.1.1.1", "https://1.1.1.1"),
-        ("https://dns.example/dns-query?x=1", "https://dns.example/dns-query?x=1"),
+        ("udp://1.1.1.1:53", DnsServer("udp", "1.1.1.1", 53, "", "udp://1.1.1.1:53")),
+        ("udp://1.1.1.1:5353", DnsServer("udp", "1.1.1.1", 5353, "", "udp://1.1.1.1:5353")),
+        (
+            "udp://[2606:4700:4700::1111]:53",
+            DnsServer("udp", "2606:4700:4700::1111", 53, "", "udp://[2606:4700:4700::1111]:53"),
+        ),
+        ("tls://dns.google:853", DnsServer("tls", "dns.google", 853, "", "tls://dns.google:853")),
+        (
+            "tls://DNS.Google:8853",
+            DnsServer("tls", "dns.google", 8853, "", "tls://DNS.Google:8853"),
+        ),
+        ("https://[::1]:8443/q", DnsServer("https", "::1", 8443, "/q", "https://[::1]:8443/q")),
+        (
+            "https://[2001:DB8::1]",
+            DnsServer("https", "2001:db8::1", 443, "/dns-query", "https://[2001:DB8::1]"),
+        ),
+        ("HTTPS://1.1.1.1", DnsServer("https", "1.1.1.1", 443, "/dns-query", "https://1.1.1.1")),
+        ("https://1.1.1.1/", DnsServer("https", "1.1.1.1", 443, "/", "https://1.1.1.1/")),
+        (
+            "https://dns.example/dns-query?x=1",
+            DnsServer(
+                "https", "dns.example", 443, "/dns-query?x=1", "https://dns.example/dns-query?x=1"
+            ),
+        ),
+        # the query stays in the DoH path, the fragment is never sent
+        (
+            "https://dns.example?ct=1#top",
+            DnsServer(
+                "https", "dns.example", 443, "/dns-query?ct=1", "https://dns.example?ct=1#top"
+            ),
+        ),
+        (
+            "https://dns.example/q#top?x",
+            DnsServer("https", "dns.example", 443, "/q", "https://dns.example/q#top?x"),
+        ),
+        (
+            "https://dns.example/q?",
+            DnsServer("https", "dns.example", 443, "/q", "https://dns.example/q?"),
+        ),
         # extension: bare IPv6 (mtg's URL parser rejects it)
-        ("2606:4700:4700::1111", "udp://[2606:4700:4700::1111]"),
-        ("[::1]", "udp://[::1]"),
+        (
+            "2606:4700:4700::1111",
+            DnsServer("udp", "2606:4700:4700::1111", 53, "", "udp://[2606:4700:4700::1111]"),
+        ),
+        ("[::1]", DnsServer("udp", "::1", 53, "", "udp://[::1]")),
+        ("::ffff:1.2.3.4", DnsServer("udp", "1.2.3.4", 53, "", "udp://1.2.3.4")),
     ],
 )
-def test_parse_dns_ok(text: str, value: str) -> None:
-    assert parse_dns(text) == value
+def test_parse_dns_ok(text: str, expected: DnsServer) -> None:
+    server = parse_dns(text)
+    assert server == expected
+    assert str(server) == expected.text
+
+
+def test_dns_server_text() -> None:
+    # str() is the configured text; a value built in code spells itself out
+    assert str(parse_dns("9.9.9.9")) == "udp://9.9.9.9"
+    assert str(DnsServer("udp", "::1", 5353)) == "udp://[::1]:5353"
+    assert str(DnsServer("https", "dns.example", 443, "/dns-query")) == (
+        "https://dns.example:443/dns-query"
+    )
+    # the text parses back to the same server
+    for text in ("udp://[::1]:5353", "https://dns.example:443/dns-query", "tls://9.9.9.9:853"):
+        server = parse_dns(text)
+        assert parse_dns(str(server)) == server
+
+
+def test_dns_default_ports_and_path() -> None:
+    assert DNS_DEFAULT_PORTS == {"udp": 53, "tls": 853, "https": 443}
+    assert DOH_DEFAULT_PATH == "/dns-query"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +150,14 @@ def test_parse_dns_ok(text: str, value: str) -> None:
         ("tls://bad host", "neither an IP address nor a valid host name"),
         ("https://1.1.1.1\n", "control character"),
         ("://1.1.1.1", "missing protocol scheme"),
+        ("//1.1.1.1", r"unsupported DNS type \(none\): //1.1.1.1"),
+        ("https://a b@dns.example", "invalid userinfo in URL"),
+        ("https://u:%ff@dns.example", "invalid percent-encoding in userinfo"),
+        ("https://[::1", "missing ']' in host"),
+        ("https://[::1]x", "invalid port 'x' after host"),
+        ("tls://[1.2.3.4]", "incorrect IPv6 address in brackets"),
+        ("[1.2.3.4]", "unsupported DNS address"),
+        ("tls://dns.example/", "path is supported only for DoH"),
     ],
 )
 def test_parse_dns_errors(text: str, reason: str) -> None:
@@ -306,3 +382,19 @@ def test_parse_https_url_errors(text: str, reason: str) -> None:
 @given(text=HOSTILE_TEXT)
 def test_url_parsers_raise_only_config_error(parser: Any, text: str) -> None:
     raises_only_config_error(parser, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=HOSTILE_TEXT)
+def test_dns_servers_are_complete(text: str) -> None:
+    """Whatever parses is a server the resolver can use as it is."""
+    try:
+        server = parse_dns(text)
+    except ConfigError:
+        return
+    assert server.scheme in DNS_DEFAULT_PORTS
+    assert 1 <= server.port <= 65535
+    assert server.host and "[" not in server.host
+    assert server.path.startswith("/") if server.scheme == "https" else server.path == ""
+    assert "#" not in server.path
+    assert parse_dns(str(server)) == server
