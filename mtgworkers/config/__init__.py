@@ -41,7 +41,7 @@ the parts live in:
 - :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse` and :func:`load`, which
   prefix a value's reason with the full dotted key, e.g.
   ``network.timeout.idle: duration has to be a positive: -1s``;
-- :mod:`~mtgworkers.config.deprecations`: the deprecated keys;
+- :mod:`~mtgworkers.config.deprecations`: the deprecated keys and their warning text;
 - :mod:`~mtgworkers.config.errors`: :class:`ConfigError` and ``REDACTED``.
 
 ``host:port`` text is written by :func:`mtgworkers.netaddr.join_host_port`.
@@ -60,7 +60,12 @@ from mtgworkers.config.addresses import (
     parse_ntp_server,
     parse_port,
 )
-from mtgworkers.config.deprecations import DEPRECATED_KEYS
+from mtgworkers.config.deprecations import (
+    DEPRECATED,
+    DEPRECATED_KEYS,
+    DeprecatedKey,
+    deprecation_message,
+)
 from mtgworkers.config.errors import REDACTED, ConfigError
 from mtgworkers.config.loader import load, parse
 from mtgworkers.config.model import (
@@ -111,6 +116,7 @@ from mtgworkers.config.urls import (
 
 __all__ = [
     "DEFAULT_NTP_SERVERS",
+    "DEPRECATED",
     "DEPRECATED_KEYS",
     "MAX_WORKERS",
     "NTP_PORT",
@@ -122,6 +128,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Defense",
+    "DeprecatedKey",
     "DnsServer",
     "Doctor",
     "DomainFronting",
@@ -137,6 +144,7 @@ __all__ = [
     "Statsd",
     "Supervisor",
     "Timeouts",
+    "deprecation_message",
     "format_bytes",
     "format_duration",
     "format_ntp_server",

@@ -9,8 +9,7 @@ reason with the full dotted key (``network.timeout.idle: duration has to be a po
 
 :func:`parse` builds a :class:`~mtgworkers.config.model.Config` from decoded TOML data,
 table by table, and notes the deprecated keys that are set
-(:data:`~mtgworkers.config.deprecations.DEPRECATED_KEYS`); :func:`load` reads and decodes
-the file first.
+(:mod:`~mtgworkers.config.deprecations`); :func:`load` reads and decodes the file first.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from mtgworkers.config.addresses import (
     parse_ntp_server,
     parse_port,
 )
+from mtgworkers.config.deprecations import DEPRECATED_KEYS
 from mtgworkers.config.errors import REDACTED, ConfigError
 from mtgworkers.config.model import (
     AntiReplay,
@@ -212,7 +212,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a table, got {_toml_type(data)}")
     root = _Section(data, "")
-    deprecated: list[str] = []
+    deprecated: set[str] = set()  # the keys of DEPRECATED_KEYS that are set
 
     raw_secret = root.text("secret")
     if raw_secret is None:
@@ -234,11 +234,11 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
     old_fronting_ip = root.string("domain-fronting-ip", parse_ip, None)
     old_fronting_proxy_protocol = root.flag("domain-fronting-proxy-protocol")
     if old_fronting_ip is not None:
-        deprecated.append("domain-fronting-ip")
+        deprecated.add("domain-fronting-ip")
     if old_fronting_port:
-        deprecated.append("domain-fronting-port")
+        deprecated.add("domain-fronting-port")
     if old_fronting_proxy_protocol:
-        deprecated.append("domain-fronting-proxy-protocol")
+        deprecated.add("domain-fronting-proxy-protocol")
 
     fronting_section = root.section("domain-fronting")
     domain_fronting = DomainFronting(
@@ -250,7 +250,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
 
     network, doh_ip_set = _parse_network(root.section("network"))
     if doh_ip_set:
-        deprecated.append("network.doh-ip")
+        deprecated.add("network.doh-ip")
 
     config = Config(
         secret=secret,
@@ -274,7 +274,7 @@ def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
         supervisor=_parse_supervisor(root.section("supervisor"), base_dir),
         doctor=_parse_doctor(root.section("doctor"), base_dir),
         dc_overrides=_parse_dc_overrides(root.section("dc-overrides")),
-        deprecated=tuple(deprecated),
+        deprecated=_in_table_order(deprecated),
     )
     root.finish()
     return config
@@ -418,3 +418,9 @@ def _parse_dc_overrides(section: _Section) -> Mapping[int, tuple[tuple[str, int]
         overrides[dc] = addresses
     section.finish()
     return types.MappingProxyType(overrides)
+
+
+def _in_table_order(keys: set[str]) -> tuple[str, ...]:
+    unknown = keys.difference(DEPRECATED_KEYS)
+    assert not unknown, f"deprecated keys missing from DEPRECATED_KEYS: {sorted(unknown)}"
+    return tuple(key for key in DEPRECATED_KEYS if key in keys)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mtgworkers.config import format_duration, format_ntp_server
+from mtgworkers.config.deprecations import REMOVED_IN, deprecation_message
 from mtgworkers.dcs import DCTable
 from mtgworkers.doctor import sni, sntp
 from mtgworkers.doctor.report import Section, Status, join_quoted
@@ -65,14 +66,6 @@ SKEW_WARN = 0.7
 X509_HOSTNAME_MISMATCH = 62
 # Where the kernel settings are read (a module attribute so tests can point it elsewhere).
 PROC = "/proc"
-
-# mtg doctor's advice for each deprecated key (mtg-compat.md e.1), in mtg's order.
-_DEPRECATED = {
-    "domain-fronting-ip": ("", '"ip" in [domain-fronting] section'),
-    "domain-fronting-port": ("", '"port" in [domain-fronting] section'),
-    "domain-fronting-proxy-protocol": ("", '"proxy-protocol" in [domain-fronting] section'),
-    "network.doh-ip": (" from section [network]", '"dns" in [network] section'),
-}
 
 
 def verifying_context(
@@ -155,13 +148,9 @@ def _ms(seconds: float) -> str:
 
 
 def deprecated_message(key: str) -> str:
-    """mtg doctor's line for a deprecated key (mtg-compat.md e.1)."""
-    name = key.rsplit(".", 1)[-1]
-    section, replacement = _DEPRECATED.get(key, ("", "the new option"))
-    return (
-        f'Option "{name}"{section} is deprecated and will be removed in v2.3.0. '
-        f"Please use {replacement} instead."
-    )
+    """mtg doctor's line for a deprecated key (mtg-compat.md e.1): the start-up warning's
+    text with mtg's removal notice."""
+    return deprecation_message(key, removed_in=REMOVED_IN)
 
 
 async def check_deprecated(ctx: Context, section: Section) -> None:
