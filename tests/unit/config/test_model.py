@@ -12,12 +12,16 @@ from typing import Any
 
 import pytest
 
-from mtgworkers.config import Config, DnsServer, PreferIP, load, parse
-from tests.unit.config.helpers import (
-    FIREHOL,
-    MTG_EXAMPLE_TOML,
-    minimal,
+from mtgworkers.config import (
+    UNTRUSTED_PROXY_HEADERS,
+    Config,
+    DnsServer,
+    PreferIP,
+    load,
+    parse,
+    warnings,
 )
+from tests.unit.config.helpers import FIREHOL, MTG_EXAMPLE_TOML, minimal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,3 +141,13 @@ def test_typed_values_and_their_json_form() -> None:
     default = Config(secret=cfg.secret, bind_to=cfg.bind_to)
     assert default.prefer_ip is PreferIP.PREFER_IPV6
     assert default.network.dns is None
+
+
+def test_warnings() -> None:
+    assert warnings(parse(minimal())) == []
+    listener = parse(minimal(**{"proxy-protocol-listener": True}))
+    assert warnings(listener) == [UNTRUSTED_PROXY_HEADERS]
+    trusted = parse(
+        minimal(**{"proxy-protocol-listener": True, "proxy-protocol-trusted": ["10.0.0.0/8"]})
+    )
+    assert warnings(trusted) == []

@@ -5,31 +5,35 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtgworkers import dcs
 from mtgworkers.config import (
+    MAX_WORKERS,
     PREFER_IP_VALUES,
     ConfigError,
     PreferIP,
+    parse_ca_file,
     parse_concurrency,
     parse_dc_number,
     parse_error_rate,
     parse_http_path,
     parse_metric_prefix,
+    parse_pid_file,
     parse_prefer_ip,
     parse_tag_format,
+    parse_workers,
 )
-from tests.unit.config.helpers import (
-    HOSTILE_TEXT,
-    raises_only_config_error,
-)
+from tests.unit.config.helpers import HOSTILE_TEXT, raises_only_config_error
 
 # ---------------------------------------------------------------------------------------------
-# Bounded integers: concurrency (TypeConcurrency)
+# Bounded integers: concurrency (TypeConcurrency), [supervisor] workers
 
 
 @pytest.mark.parametrize("value", [1, 2, 9, 8192, 65535])
@@ -39,8 +43,21 @@ def test_parse_concurrency_ok(value: int) -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 65536, 2**40])
 def test_parse_concurrency_errors(value: int) -> None:
-    with pytest.raises(ConfigError, match=r"1\.\.65535"):
+    with pytest.raises(ConfigError) as info:
         parse_concurrency(value)
+    assert str(info.value) == f"value should be 1..65535 ({value})"
+
+
+@pytest.mark.parametrize("value", [1, 2, 64, MAX_WORKERS])
+def test_parse_workers_ok(value: int) -> None:
+    assert parse_workers(value) == value
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_WORKERS + 1, 2**40])
+def test_parse_workers_errors(value: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_workers(value)
+    assert str(info.value) == f"value should be 0..256 (0 = one per CPU) ({value})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +173,63 @@ def test_parse_http_path(text: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Paths: [supervisor] pid-file, [doctor] ca-file
+
+
+def test_parse_pid_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_pid_file("/run/mtgworkers.pid") == "/run/mtgworkers.pid"
+    assert parse_pid_file("/run/../run/x.pid", base_dir="/etc") == "/run/x.pid"
+    assert parse_pid_file("run/x.pid", base_dir=str(tmp_path)) == str(tmp_path / "run" / "x.pid")
+    monkeypatch.chdir(tmp_path)
+    assert parse_pid_file("x.pid") == str(tmp_path / "x.pid")  # need not exist
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a\x00b", "path contains a NUL character"),
+        ("run/", "value is a path to a directory: {base}/run"),
+        ("sub", "value is a path to a directory: {base}/sub"),
+        (".", "value is a path to a directory: {base}"),
+    ],
+)
+def test_parse_pid_file_errors(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError) as info:
+        parse_pid_file(text, base_dir=str(tmp_path))
+    assert str(info.value) == message.format(base=tmp_path)
+
+
+def test_parse_ca_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ca.pem").write_text("")
+    assert parse_ca_file(str(tmp_path / "ca.pem")) == str(tmp_path / "ca.pem")
+    assert parse_ca_file("ca.pem", base_dir=str(tmp_path)) == str(tmp_path / "ca.pem")
+    monkeypatch.chdir(tmp_path)
+    assert parse_ca_file("./ca.pem") == str(tmp_path / "ca.pem")
+
+
+def test_parse_ca_file_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as info:
+        parse_ca_file(str(missing))
+    assert str(info.value) == f"cannot use file {missing}: no such file or directory"
+    with pytest.raises(ConfigError) as info:
+        parse_ca_file("a\x00b", base_dir=str(tmp_path))
+    assert str(info.value).startswith(f"cannot use file {tmp_path}/a\x00b: ")
+    with pytest.raises(ConfigError) as info:
+        parse_ca_file(str(tmp_path))
+    assert str(info.value) == f"value is not a regular file: {tmp_path}"
+    locked = tmp_path / "locked.pem"
+    locked.write_text("")
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root may read anything: pretend the permission check says no
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as info:
+        parse_ca_file(str(locked))
+    assert str(info.value) == f"value is a path to a file that is not readable: {locked}"
+
+
+# ---------------------------------------------------------------------------------------------
 # [dc-overrides] keys
 
 
@@ -176,14 +250,33 @@ def test_parse_dc_number_errors(text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fuzzing: hostile text raises ConfigError and nothing else
+# Fuzzing: hostile input raises ConfigError and nothing else
 
 
 @pytest.mark.parametrize(
     "parser",
-    [parse_prefer_ip, parse_tag_format, parse_metric_prefix, parse_http_path, parse_dc_number],
+    [
+        parse_prefer_ip,
+        parse_tag_format,
+        parse_metric_prefix,
+        parse_http_path,
+        parse_dc_number,
+        lambda text: parse_pid_file(text, base_dir="/nonexistent-base-dir"),
+        lambda text: parse_ca_file(text, base_dir="/nonexistent-base-dir"),
+    ],
 )
 @settings(max_examples=150, deadline=None)
 @given(text=HOSTILE_TEXT)
 def test_text_parsers_raise_only_config_error(parser: Any, text: str) -> None:
     raises_only_config_error(parser, text)
+
+
+@pytest.mark.parametrize("parser", [parse_concurrency, parse_workers])
+@given(value=st.integers())
+def test_integer_parsers_raise_only_config_error(parser: Any, value: int) -> None:
+    raises_only_config_error(parser, value)
+
+
+@given(value=st.floats())
+def test_parse_error_rate_raises_only_config_error(value: float) -> None:
+    raises_only_config_error(parse_error_rate, value)

@@ -16,10 +16,7 @@ from mtgworkers.config import (
     parse_bytes,
     parse_duration,
 )
-from tests.unit.config.helpers import (
-    HOSTILE_TEXT,
-    raises_only_config_error,
-)
+from tests.unit.config.helpers import HOSTILE_TEXT, raises_only_config_error
 
 # ---------------------------------------------------------------------------------------------
 # Durations (TypeDuration)
@@ -215,9 +212,32 @@ def test_format_bytes_round_trips(size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Fuzzing: hostile text raises ConfigError and nothing else
 
+UNITS_TEXT = st.text(alphabet="0123456789.+- \tnsuµμmhkKMGTPEiIbB", max_size=30)
+
 
 @pytest.mark.parametrize("parser", [parse_duration, parse_bytes])
-@settings(max_examples=150, deadline=None)
-@given(text=HOSTILE_TEXT)
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(HOSTILE_TEXT, UNITS_TEXT))
 def test_parsers_raise_only_config_error(parser: Any, text: str) -> None:
     raises_only_config_error(parser, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=UNITS_TEXT)
+def test_parsed_values_print_and_parse_back(text: str) -> None:
+    try:
+        seconds = parse_duration(text)
+    except ConfigError:
+        pass
+    else:
+        assert seconds >= 0
+        again = parse_duration(format_duration(seconds))
+        assert again == pytest.approx(seconds, rel=1e-12, abs=1e-9)
+    try:
+        size = parse_bytes(text)
+    except ConfigError:
+        pass
+    else:
+        assert size >= 0
+        if size <= 2**53:  # sizes are summed as float64 (like mtg): exact up to here
+            assert parse_bytes(format_bytes(size)) == size

@@ -15,16 +15,13 @@ from mtgworkers.config import (
     DnsServer,
     ProxyURL,
     parse_dns,
+    parse_echo_url,
     parse_https_url,
     parse_list_url,
     parse_proxy_url,
 )
 from mtgworkers.config.urls import DNS_DEFAULT_PORTS, DOH_DEFAULT_PATH
-from tests.unit.config.helpers import (
-    FIREHOL,
-    HOSTILE_TEXT,
-    raises_only_config_error,
-)
+from tests.unit.config.helpers import FIREHOL, HOSTILE_TEXT, raises_only_config_error
 
 # ---------------------------------------------------------------------------------------------
 # DNS (TypeDNSURI)
@@ -366,6 +363,43 @@ def test_parse_https_url_errors(text: str, reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# IP echo services ([doctor] ip-echo-urls, ours)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("https://ifconfig.co", "https://ifconfig.co"),
+        ("http://127.0.0.1:8080/ip", "http://127.0.0.1:8080/ip"),
+        ("HTTP://[::1]/ip?format=text", "http://[::1]/ip?format=text"),
+        ("https://u:pw@echo.example", "https://u:pw@echo.example"),
+    ],
+)
+def test_parse_echo_url_ok(text: str, value: str) -> None:
+    assert parse_echo_url(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", r"unsupported schema: \(none\): $"),
+        ("ifconfig.co", r"unsupported schema: \(none\): ifconfig.co"),
+        ("ftp://h.example", "unsupported schema: ftp: ftp://h.example"),
+        ("https://", "url has to have a scheme and a host: https://"),
+        ("https:ifconfig.co", "url has to have a scheme and a host"),
+        ("https://h.example:0", "incorrect port number"),
+        ("https://bad host/", "neither an IP address nor a valid host name"),
+        ("https://[h.example]/", "incorrect IPv6 address in brackets"),
+        ("https://u:hunter2@h.example:99999", "incorrect port number"),
+    ],
+)
+def test_parse_echo_url_errors(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as info:
+        parse_echo_url(text)
+    assert "hunter2" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fuzzing: hostile text raises ConfigError and nothing else
 
 
@@ -375,6 +409,7 @@ def test_parse_https_url_errors(text: str, reason: str) -> None:
         parse_dns,
         parse_proxy_url,
         parse_https_url,
+        parse_echo_url,
         lambda text: parse_list_url(text, base_dir="/nonexistent-base-dir"),
     ],
 )
