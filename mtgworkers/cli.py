@@ -184,15 +184,6 @@ Options:
   --deadline=DURATION    Stop all checks after this long. [default: 60s]
 """
 
-# mtg doctor's advice for each deprecated key (docs/mtg-compat.md e.1), keyed by the last
-# component of the key so both "doh-ip" and "network.doh-ip" find it.
-_DEPRECATED = {
-    "domain-fronting-ip": ("", '"ip" in [domain-fronting] section'),
-    "domain-fronting-port": ("", '"port" in [domain-fronting] section'),
-    "domain-fronting-proxy-protocol": ("", '"proxy-protocol" in [domain-fronting] section'),
-    "doh-ip": (" from section [network]", '"dns" in [network] section'),
-}
-
 # simple-run flags by the config key they fill, to turn a config error back into the
 # flag the user typed: "network.timeout.tcp: ..." -> "incorrect timeout: ...".
 _SIMPLE_RUN_FLAGS = {
@@ -458,13 +449,12 @@ def _serve(cfg: Config, config_path: str | None) -> int:
 
 
 def deprecation_message(key: str) -> str:
-    """mtg doctor's advice for a deprecated config key (``doh-ip`` -> use ``dns``)."""
-    name = key.rsplit(".", 1)[-1]
-    try:
-        section, replacement = _DEPRECATED[name]
-    except KeyError:
-        return f'Option "{key}" is deprecated.'
-    return f'Option "{name}"{section} is deprecated. Please use {replacement} instead.'
+    """The start-up warning for a deprecated config key (``doh-ip`` -> use ``dns``), from
+    the table of :mod:`mtgworkers.config.deprecations`; ``key`` is the full dotted key or
+    its last component."""
+    from mtgworkers.config import deprecations
+
+    return deprecations.deprecation_message(key)
 
 
 def load_config(path: str) -> Config:

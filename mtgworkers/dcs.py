@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from mtgworkers.config.errors import ConfigError
+from mtgworkers.config.scalars import PREFER_IP_VALUES, PreferIP, parse_prefer_ip
+
 __all__ = [
     "DC_ADDRESSES_V4",
     "DC_ADDRESSES_V6",
@@ -46,8 +49,6 @@ DC_ADDRESSES_V6: dict[int, tuple[str, ...]] = {
     203: ("2a0a:f280:203:a:5000::100",),
 }
 
-PREFER_IP_VALUES = ("prefer-ipv6", "prefer-ipv4", "only-ipv6", "only-ipv4")
-
 
 def _ip_version(host: str) -> int | None:
     """4 or 6 for an IP literal, None for a host name."""
@@ -57,13 +58,15 @@ def _ip_version(host: str) -> int | None:
         return None
 
 
-def _normalise_prefer_ip(prefer_ip: str) -> str:
-    value = prefer_ip.lower()
-    if value not in PREFER_IP_VALUES:
+def _normalise_prefer_ip(prefer_ip: PreferIP | str) -> PreferIP:
+    if isinstance(prefer_ip, PreferIP):
+        return prefer_ip
+    try:
+        return parse_prefer_ip(prefer_ip)
+    except ConfigError:
         raise ValueError(
             f"unknown prefer-ip value {prefer_ip!r}: expected one of {', '.join(PREFER_IP_VALUES)}"
-        )
-    return value
+        ) from None
 
 
 Addresses = tuple[tuple[str, int], ...]
@@ -137,7 +140,7 @@ class DCTable:
         self.auto.replace(family, dc, addresses)
 
     def addresses(
-        self, dc: int, prefer_ip: str, rng: random.Random | None = None
+        self, dc: int, prefer_ip: PreferIP | str, rng: random.Random | None = None
     ) -> list[tuple[str, int]]:
         """Addresses to try, in order, for DC number ``dc`` (positive, after the dc_number rule).
 
@@ -153,20 +156,20 @@ class DCTable:
 
         override = self.overrides.get(dc)
         if override is not None:
-            if prefer == "only-ipv4":
+            if prefer is PreferIP.ONLY_IPV4:
                 return [(host, port) for host, port in override if _ip_version(host) != 6]
-            if prefer == "only-ipv6":
+            if prefer is PreferIP.ONLY_IPV6:
                 return [(host, port) for host, port in override if _ip_version(host) != 4]
             return list(override)
 
         shuffle = rng.shuffle if rng is not None else random.shuffle
         v4 = self._family(DC_ADDRESSES_V4.get(dc, ()), self.auto.get(socket.AF_INET, dc), shuffle)
         v6 = self._family(DC_ADDRESSES_V6.get(dc, ()), self.auto.get(socket.AF_INET6, dc), shuffle)
-        if prefer == "prefer-ipv6":
+        if prefer is PreferIP.PREFER_IPV6:
             return v6 + v4
-        if prefer == "prefer-ipv4":
+        if prefer is PreferIP.PREFER_IPV4:
             return v4 + v6
-        if prefer == "only-ipv4":
+        if prefer is PreferIP.ONLY_IPV4:
             return v4
         return v6
 
@@ -185,7 +188,7 @@ class DCTable:
         shuffle(extra)
         return first + extra
 
-    def known(self, dc: int, prefer_ip: str) -> bool:
+    def known(self, dc: int, prefer_ip: PreferIP | str) -> bool:
         """True if :meth:`addresses` has at least one address for ``dc`` under ``prefer_ip``.
 
         Raises ValueError for an unknown ``prefer_ip`` value.
@@ -196,8 +199,8 @@ class DCTable:
             return bool(self.addresses(dc, prefer))
         v4 = bool(DC_ADDRESSES_V4.get(dc) or self.auto.get(socket.AF_INET, dc))
         v6 = bool(DC_ADDRESSES_V6.get(dc) or self.auto.get(socket.AF_INET6, dc))
-        if prefer == "only-ipv4":
+        if prefer is PreferIP.ONLY_IPV4:
             return v4
-        if prefer == "only-ipv6":
+        if prefer is PreferIP.ONLY_IPV6:
             return v6
         return v4 or v6

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from mtgworkers.logs import error_text, get_logger
+from mtgworkers.netaddr import join_host_port
 
 __all__ = [
     "DEFAULT_URLS",
@@ -99,10 +100,6 @@ def _family_of(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class PublicConfigUpdater:
     """Periodically refreshes the auto-updated DC 203 addresses of both families."""
 
@@ -154,7 +151,7 @@ class PublicConfigUpdater:
             if dc == UPDATED_DC and _family_of(ip) == family
         )
         for ip, port in addresses:
-            _log.info(f"found {_join(ip, port)} address for DC {UPDATED_DC}")
+            _log.info(f"found {join_host_port(ip, port)} address for DC {UPDATED_DC}")
         self._on_update(family, addresses)
         _log.info("updated")
         return True

@@ -456,7 +456,11 @@ class Arbiter:
         if new.debug != old.debug:
             logs.setup(new.debug)  # before the fork: the new workers inherit it
         for key in new.deprecated:
-            _log.warning("deprecated option in the reloaded configuration", extra={"option": key})
+            advice = config_module.deprecation_message(key)
+            _log.warning(
+                "deprecated option in the reloaded configuration",
+                extra={"option": key, "advice": advice},
+            )
         for warning in config_module.warnings(new):
             _log.warning(warning)
         from mtgworkers.server import raise_nofile_limit

@@ -33,6 +33,7 @@ from mtgworkers.doctor.checks import (
 )
 from mtgworkers.doctor.probe import check_probe, probe_target
 from mtgworkers.doctor.report import Check, Report, Section, Status
+from mtgworkers.netaddr import join_host_port
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -93,7 +94,7 @@ def _sections(config: Config, options: Options) -> list[tuple[Section, _Step]]:
     ]
     if options.probe is not False:
         target = options.probe_address or probe_target(config.bind_to.host, config.bind_to.port)
-        shown = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
+        shown = join_host_port(*target)
 
         async def probe(ctx: Context, section: Section) -> None:
             await check_probe(ctx, section, target, required=bool(options.probe))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mtgworkers.config import format_duration, format_ntp_server
+from mtgworkers.config.deprecations import REMOVED_IN, deprecation_message
 from mtgworkers.dcs import DCTable
 from mtgworkers.doctor import sni, sntp
 from mtgworkers.doctor.report import Section, Status, join_quoted
@@ -36,6 +37,7 @@ from mtgworkers.doctor.tlsclient import (
 )
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import DOH_ALPN, make_resolver
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol import proxyproto
 from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG, local_addresses
 
@@ -64,14 +66,6 @@ SKEW_WARN = 0.7
 X509_HOSTNAME_MISMATCH = 62
 # Where the kernel settings are read (a module attribute so tests can point it elsewhere).
 PROC = "/proc"
-
-# mtg doctor's advice for each deprecated key (docs/mtg-compat.md e.1), in mtg's order.
-_DEPRECATED = {
-    "domain-fronting-ip": ("", '"ip" in [domain-fronting] section'),
-    "domain-fronting-port": ("", '"port" in [domain-fronting] section'),
-    "domain-fronting-proxy-protocol": ("", '"proxy-protocol" in [domain-fronting] section'),
-    "network.doh-ip": (" from section [network]", '"dns" in [network] section'),
-}
 
 
 def verifying_context(
@@ -121,9 +115,9 @@ class Context:
         timeout = timeout or doctor.timeout
         ca_file = ca_file or doctor.ca_file
         dns_context = None
-        if ca_file and config.network.dns and config.network.dns.startswith(("tls:", "https:")):
-            alpn = DOH_ALPN if config.network.dns.startswith("https:") else ()
-            dns_context = verifying_context(ca_file, alpn)
+        dns = config.network.dns
+        if ca_file and dns is not None and dns.scheme in ("tls", "https"):
+            dns_context = verifying_context(ca_file, DOH_ALPN if dns.scheme == "https" else ())
         if ca_file:
             verifying_context(ca_file)  # fail early, with the file's name, if it is unusable
         resolver = make_resolver(config.network.dns, timeout=timeout, ssl_context=dns_context)
@@ -150,21 +144,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}ms"
 
 
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # -- 1. deprecated options ---------------------------------------------------------------
 
 
 def deprecated_message(key: str) -> str:
-    """mtg doctor's line for a deprecated key (docs/mtg-compat.md e.1)."""
-    name = key.rsplit(".", 1)[-1]
-    section, replacement = _DEPRECATED.get(key, ("", "the new option"))
-    return (
-        f'Option "{name}"{section} is deprecated and will be removed in v2.3.0. '
-        f"Please use {replacement} instead."
-    )
+    """mtg doctor's line for a deprecated key (docs/mtg-compat.md e.1): the start-up warning's
+    text with mtg's removal notice."""
+    return deprecation_message(key, removed_in=REMOVED_IN)
 
 
 async def check_deprecated(ctx: Context, section: Section) -> None:
@@ -257,12 +243,14 @@ async def _dial_dc(
                 dialer.open_socket(host, port, use_proxies=use_proxies), ctx.timeout * 2
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            errors.append(_reason(exc) if str(exc) else f"cannot dial to {_join(host, port)}")
+            errors.append(
+                _reason(exc) if str(exc) else f"cannot dial to {join_host_port(host, port)}"
+            )
             continue
         sock.close()
         elapsed = time.monotonic() - started
-        figures = {"address": _join(host, port), "seconds": elapsed, "failed": errors}
-        return Status.OK, f"DC {dc} ({_join(host, port)}, {_ms(elapsed)})", figures
+        figures = {"address": join_host_port(host, port), "seconds": elapsed, "failed": errors}
+        return Status.OK, f"DC {dc} ({join_host_port(host, port)}, {_ms(elapsed)})", figures
     return Status.FAILURE, f"DC {dc}: {errors[-1]}", {"errors": errors}
 
 
@@ -333,7 +321,7 @@ async def check_fronting(ctx: Context, section: Section) -> None:
     """
     config = ctx.config
     host, port = fronting_address(config)
-    shown = _join(host, port)
+    shown = join_host_port(host, port)
     name = config.secret.host
     try:
         resolved = await ctx.resolver.resolve(host)
@@ -344,7 +332,7 @@ async def check_fronting(ctx: Context, section: Section) -> None:
     if loop_ip is not None:
         section.add(
             Status.FAILURE,
-            f"{shown}: fronting would loop: {_join(loop_ip, port)} is this proxy's own "
+            f"{shown}: fronting would loop: {join_host_port(loop_ip, port)} is this proxy's own "
             "listening address; set [domain-fronting] ip/port to the real website",
             address=shown,
         )

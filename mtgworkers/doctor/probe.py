@@ -33,6 +33,7 @@ from mtgworkers.doctor.tlsclient import (
     raw_exchange,
     tls_handshake,
 )
+from mtgworkers.netaddr import join_host_port
 
 __all__ = ["PROBE_DC", "check_probe", "judge", "probe_target"]
 
@@ -47,10 +48,6 @@ def probe_target(host: str, port: int) -> tuple[str, int]:
     if host == "::":
         return "::1", port
     return host, port
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -387,7 +384,7 @@ async def check_probe(
     """Probe the proxy at ``target``. Without ``required``, a proxy that does not answer
     there makes the section a skipped (informational) one instead of a failure."""
     host, port = target
-    shown = _join(host, port)
+    shown = join_host_port(host, port)
     try:
         sock = await _connect(host, port, min(ctx.timeout, 2.0))
     except (OSError, asyncio.TimeoutError) as exc:

@@ -26,6 +26,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from mtgworkers.net.dns import ResolveError
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol.socks5 import ClientHandshake, Socks5Error
 
 if TYPE_CHECKING:
@@ -54,13 +55,9 @@ class DialError(OSError):
     """No connection could be made; ``str()`` names the address(es) and the reason(s)."""
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _proxy_label(proxy: ProxyURL) -> str:
     # Built here rather than str(proxy): never any credentials, whatever the object.
-    return f"{proxy.scheme}://{_hostport(proxy.host, proxy.port)}"
+    return f"{proxy.scheme}://{join_host_port(proxy.host, proxy.port)}"
 
 
 def _reason(exc: BaseException, timeout: float | None = None) -> str:
@@ -143,15 +140,15 @@ class Dialer:
         try:
             addresses = await self._resolver.resolve(host)
         except ResolveError as exc:
-            raise DialError(f"cannot dial to {_hostport(host, port)}: {exc}") from None
+            raise DialError(f"cannot dial to {join_host_port(host, port)}: {exc}") from None
         if not addresses:
-            raise DialError(f"cannot dial to {_hostport(host, port)}: no addresses")
+            raise DialError(f"cannot dial to {join_host_port(host, port)}: no addresses")
         errors: list[str] = []
         for address in addresses:
             try:
                 return await self._connect(address, port)
             except (OSError, asyncio.TimeoutError) as exc:
-                target = _hostport(address, port)
+                target = join_host_port(address, port)
                 if address != host:
                     target += f" ({host})"
                 errors.append(f"cannot dial to {target}: {_reason(exc, self._tcp_timeout)}")
@@ -188,7 +185,7 @@ class Dialer:
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self._user_timeout_ms)
 
     async def _dial_via(self, proxy: ProxyURL, host: str, port: int) -> socket.socket:
-        prefix = f"cannot dial to {_hostport(host, port)} via {_proxy_label(proxy)}"
+        prefix = f"cannot dial to {join_host_port(host, port)} via {_proxy_label(proxy)}"
         try:
             sock = await self._dial_direct(proxy.host, proxy.port)
         except DialError as exc:

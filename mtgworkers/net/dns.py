@@ -1,6 +1,7 @@
 """Name resolution for outgoing connections (protocol.md §12).
 
-``make_resolver(network.dns)`` picks one of:
+``make_resolver(network.dns)`` picks one of these by the config's
+:class:`~mtgworkers.config.DnsServer` (which has the defaults filled in):
 
 - ``None``                      the system resolver (``getaddrinfo``: /etc/hosts, nsswitch);
 - ``udp://IP[:port]`` or ``IP``  classic DNS to that server, retried over TCP when truncated;
@@ -28,7 +29,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import dns.asyncbackend
 import dns.asyncquery
@@ -44,7 +44,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mtgworkers.config.errors import ConfigError
+from mtgworkers.config.urls import DnsServer, parse_dns
 from mtgworkers.net.http import ResponseError, Wording, read_response
+from mtgworkers.netaddr import bracket_host, join_host_port
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -388,7 +391,7 @@ class TlsResolver(_TlsServerResolver):
                     self.host,
                 )
             except (OSError, dns.exception.DNSException) as exc:
-                failures.append(f"{_hostport(address, self.port)}: {_describe(exc)}")
+                failures.append(f"{join_host_port(address, self.port)}: {_describe(exc)}")
                 continue
             async with stream:
                 responses: list[dns.message.Message | BaseException] = []
@@ -535,12 +538,12 @@ class HttpsResolver(_TlsServerResolver):
                     limit=_MAX_HTTP_HEAD,
                 )
             except OSError as exc:
-                failures.append(f"{_hostport(address, self.port)}: {_describe(exc)}")
+                failures.append(f"{join_host_port(address, self.port)}: {_describe(exc)}")
         raise _QueryError(f"cannot connect to DNS-over-HTTPS server: {'; '.join(failures)}")
 
     def _authority(self) -> str:
         """The Host header / :authority: the port only when it is not 443."""
-        return _hostport(self.host, self.port) if self.port != 443 else _bracket(self.host)
+        return join_host_port(self.host, self.port) if self.port != 443 else bracket_host(self.host)
 
     def _request_head(self, length: int) -> bytes:
         return (
@@ -671,14 +674,6 @@ def _h2_check_head(headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
         raise _QueryError(f"DNS-over-HTTPS answer too large: {int(length)} bytes")
 
 
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"{_bracket(host)}:{port}"
-
-
 # How the HTTP/1.1 answer reader words its errors for a DoH server.
 _DOH_WORDING = Wording(
     no_answer="DNS-over-HTTPS server closed the connection early",
@@ -717,7 +712,7 @@ async def _read_http_response(
 
 
 def make_resolver(
-    dns: str | None,
+    dns: DnsServer | str | None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
@@ -725,41 +720,37 @@ def make_resolver(
 ) -> Resolver:
     """The resolver for ``[network].dns`` (None = system resolver).
 
-    ``ssl_context`` replaces the system trust store for DoT/DoH (tests);
-    ``timeout`` bounds each resolve(). Raises ValueError for a form that is
-    not one of udp://IP[:port], IP, tls://host[:port], https://host[:port][/path].
+    ``dns`` is the config's :class:`~mtgworkers.config.DnsServer`, used as it is; a string
+    (tests, tools) is parsed with :func:`mtgworkers.config.parse_dns`, the rules of the
+    config file, and an empty one means the system resolver. ``ssl_context`` replaces the
+    system trust store for DoT/DoH (tests); ``timeout`` bounds each resolve(). Raises
+    ValueError for a string that is not one of udp://IP[:port], IP, tls://host[:port],
+    https://host[:port][/path].
     """
-    if dns is None or not dns.strip():
+    if isinstance(dns, str):
+        server = _parse_server(dns)
+        if server is None:
+            return SystemResolver(timeout=timeout, clock=clock)
+    elif dns is None:
         return SystemResolver(timeout=timeout, clock=clock)
-    text = dns.strip()
-    if _ip_literal(text) is not None:
-        return UdpResolver(text, timeout=timeout, clock=clock)
-    url = urlsplit(text)
-    scheme = url.scheme.lower()
-    try:
-        host = url.hostname
-        port = url.port
-    except ValueError as exc:
-        raise ValueError(f"invalid DNS address {dns!r}: {exc}") from None
-    if not host:
-        raise ValueError(f"invalid DNS address {dns!r}: no host")
-    if url.username is not None or url.password is not None:
-        raise ValueError(f"invalid DNS address {dns!r}: user info is not allowed")
-    if scheme == "udp":
-        if url.path not in ("", "/"):
-            raise ValueError(f"invalid DNS address {dns!r}: a path is only allowed for https")
-        if _ip_literal(host) is None:
-            raise ValueError(f"invalid DNS address {dns!r}: udp needs an IP address")
-        return UdpResolver(host, port or 53, timeout=timeout, clock=clock)
-    if scheme == "tls":
-        if url.path not in ("", "/"):
-            raise ValueError(f"invalid DNS address {dns!r}: a path is only allowed for https")
-        return TlsResolver(host, port or 853, ssl_context=ssl_context, timeout=timeout, clock=clock)
-    if scheme == "https":
-        path = url.path or "/dns-query"
-        if url.query:
-            path = f"{path}?{url.query}"
-        return HttpsResolver(
-            host, port or 443, path, ssl_context=ssl_context, timeout=timeout, clock=clock
+    else:
+        server = dns
+    if server.scheme == "udp":
+        return UdpResolver(server.host, server.port, timeout=timeout, clock=clock)
+    if server.scheme == "tls":
+        return TlsResolver(
+            server.host, server.port, ssl_context=ssl_context, timeout=timeout, clock=clock
         )
-    raise ValueError(f"unsupported DNS scheme {url.scheme!r} in {dns!r}")
+    return HttpsResolver(
+        server.host, server.port, server.path, ssl_context=ssl_context, timeout=timeout, clock=clock
+    )
+
+
+def _parse_server(text: str) -> DnsServer | None:
+    """A ``network.dns`` string as the config file reads it; None when it is blank."""
+    if not text.strip():
+        return None
+    try:
+        return parse_dns(text.strip())
+    except ConfigError as exc:
+        raise ValueError(f"invalid DNS address {text!r}: {exc}") from None

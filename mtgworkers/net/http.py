@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
+from mtgworkers.netaddr import bracket_host, join_host_port
+
 __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_HEAD",
@@ -264,7 +266,7 @@ async def _request(
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
     reader, writer = await _connect(host, port, family, open_socket, context)
     try:
-        host_header = f"[{host}]" if ":" in host else host
+        host_header = bracket_host(host)
         if parts.port is not None:
             host_header += f":{parts.port}"
         lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}"]
@@ -308,7 +310,7 @@ async def _connect(
         except ssl.SSLError as exc:
             raise _Failure(f"TLS handshake failed: {_tls_reason(exc)}") from None
         except OSError as exc:
-            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            target = join_host_port(host, port)
             raise _Failure(f"cannot connect to {target}: {_os_reason(exc)}") from None
     try:
         sock = await open_socket(host, port)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mtgworkers.config import deprecation_message
 from tests.supervisor.helpers import (
     EchoStream,
     HandshakeHammer,
@@ -194,6 +195,21 @@ def test_reload_changes_the_number_of_workers(
     wait_until(lambda: len(worker_pids(proxy)) == 1, 5, "one worker")
     for _ in range(4):
         open_client(proxy, test_secret.key, test_secret.host).close()
+
+
+def test_reload_warns_about_deprecated_keys(
+    proxy_factory: ProxyPool, test_secret: KitSecret
+) -> None:
+    proxy = start_proxy(proxy_factory, workers=1)
+    # the old spelling of a key the config already sets: only the warning changes
+    _rewrite_config(proxy, {"domain-fronting-port": proxy_factory.fronting_port})
+    mark = proxy.mark()
+    _reload(proxy)
+    (warning,) = proxy.logs_matching("deprecated option in the reloaded configuration", since=mark)
+    assert warning["level"] == "warn"
+    assert warning["option"] == "domain-fronting-port"
+    assert warning["advice"] == deprecation_message("domain-fronting-port")
+    open_client(proxy, test_secret.key, test_secret.host).close()
 
 
 def test_systemd_notifications(

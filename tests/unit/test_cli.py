@@ -549,7 +549,7 @@ def test_simple_run_builds_mtgs_config(
     assert cfg.defense.anti_replay.enabled is True
     assert cfg.defense.anti_replay.max_size == 1024 * 1024
     assert cfg.domain_fronting.port == 443 and cfg.domain_fronting.host is None
-    assert cfg.network.dns == "https://1.1.1.1"
+    assert str(cfg.network.dns) == "https://1.1.1.1"
     timeout = cfg.network.timeout
     assert (timeout.tcp, timeout.http, timeout.idle, timeout.handshake) == (10, 10, 10, 10)
     assert cfg.network.proxies == ()
@@ -595,7 +595,7 @@ def test_simple_run_flags(served: list[Any], capsys: pytest.CaptureFixture[str])
     assert cfg.concurrency == 100
     assert cfg.prefer_ip == "only-ipv4"
     assert (cfg.domain_fronting.host, cfg.domain_fronting.port) == ("10.0.0.1", 8443)
-    assert cfg.network.dns == "https://9.9.9.9"
+    assert str(cfg.network.dns) == "https://9.9.9.9"
     assert cfg.network.timeout.idle == 60.0 and cfg.network.timeout.tcp == 60.0
     assert [(p.scheme, p.host, p.port) for p in cfg.network.proxies] == [
         ("socks5", "127.0.0.1", 1080),
@@ -658,6 +658,14 @@ def test_simple_run_process_reports_errors(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith("mtgworkers: error: incorrect secret: ")
     assert "legacy" in result.stderr
+
+
+def test_simple_run_usage_lists_the_prefer_ip_values() -> None:
+    from mtgworkers.config import PREFER_IP_VALUES
+
+    usage = " ".join(cli.SIMPLE_RUN_DOC.split())
+    listed = ", ".join(PREFER_IP_VALUES[:-1]) + " or " + PREFER_IP_VALUES[-1]
+    assert f"IP preference: {listed}. [default: {PREFER_IP_VALUES[0]}]" in usage
 
 
 def test_deprecation_messages() -> None:

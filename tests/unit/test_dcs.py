@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
+from mtgworkers.config import PreferIP
 from mtgworkers.dcs import DC_ADDRESSES_V4, DC_ADDRESSES_V6, DC_PORT, DCTable
 
 TABLE_V4 = {
@@ -80,10 +81,25 @@ def test_prefer_ip_case_insensitive(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["", "ipv4", "prefer_ipv4", "only-ipv5", "any"])
 def test_bad_prefer_ip(value: str) -> None:
-    with pytest.raises(ValueError, match="prefer-ip"):
+    message = (
+        f"unknown prefer-ip value {value!r}: expected one of prefer-ipv6, prefer-ipv4, "
+        "only-ipv6, only-ipv4"
+    )
+    with pytest.raises(ValueError) as info:
         DCTable().addresses(2, value)
+    assert str(info.value) == message
     with pytest.raises(ValueError, match="prefer-ip"):
         DCTable().known(2, value)
+
+
+@pytest.mark.parametrize("prefer", list(PreferIP))
+def test_prefer_ip_enum_and_text_agree(prefer: PreferIP) -> None:
+    table = DCTable(overrides=MappingProxyType({7: (("10.0.0.7", 443), ("::7", 443))}))
+    rng = random.Random(1)
+    by_enum = table.addresses(2, prefer, random.Random(1))
+    assert by_enum == table.addresses(2, prefer.value.upper(), rng)
+    assert table.addresses(7, prefer) == table.addresses(7, str(prefer))
+    assert table.known(2, prefer) and table.known(7, prefer)
 
 
 def test_shuffle_within_family_uses_rng() -> None:

@@ -24,6 +24,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mtgworkers.config import DnsServer, parse_dns
 from mtgworkers.net import dns as mdns
 from mtgworkers.net.dns import (
     HttpsResolver,
@@ -324,20 +325,44 @@ def test_make_resolver_forms() -> None:
     assert (doh.host, doh.port, doh.path, doh.timeout) == ("dns.example", 8443, "/custom?ct=1", 2)
 
 
+def test_make_resolver_uses_the_configs_dns_server() -> None:
+    udp = make_resolver(DnsServer("udp", "192.0.2.53", 5353))
+    assert isinstance(udp, UdpResolver) and (udp.server, udp.port) == ("192.0.2.53", 5353)
+    tls = make_resolver(DnsServer("tls", "dns.example", 8853))
+    assert isinstance(tls, TlsResolver) and (tls.host, tls.port) == ("dns.example", 8853)
+    doh = make_resolver(DnsServer("https", "2001:db8::53", 443, "/q?ct=1"), timeout=3)
+    assert isinstance(doh, HttpsResolver)
+    assert (doh.host, doh.port, doh.path, doh.timeout) == ("2001:db8::53", 443, "/q?ct=1", 3)
+    # a string is read with the config file's rules: the same server either way
+    for text in ("9.9.9.9", "tls://dns.example:8853", "https://[2001:db8::53]/q?ct=1"):
+        from_text, from_config = make_resolver(text), make_resolver(parse_dns(text))
+        assert type(from_text) is type(from_config)
+        assert _target(from_text) == _target(from_config)
+    assert isinstance(make_resolver(""), SystemResolver)
+    assert isinstance(make_resolver("  "), SystemResolver)
+
+
+def _target(resolver: object) -> tuple[object, ...]:
+    names = ("server", "host", "port", "path")
+    return tuple(getattr(resolver, name, None) for name in names)
+
+
+# The reasons are the config file's (mtgworkers.config.parse_dns), after the text.
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("ftp://1.1.1.1", "unsupported DNS scheme"),
-        ("udp://dns.example", "udp needs an IP address"),
-        ("https://user@dns.example", "user info"),
-        ("tls://dns.example/path", "only allowed for https"),
-        ("udp://", "no host"),
-        ("dns.example", "no host"),
-        ("udp://1.1.1.1:99999", "invalid DNS address"),
+        ("ftp://1.1.1.1", "unsupported DNS type ftp"),
+        ("udp://dns.example", "simple DNS must be an IP address"),
+        ("https://user@dns.example", "user info is not supported"),
+        ("tls://dns.example/path", "path is supported only for DoH"),
+        ("udp://1.1.1.1/", "path is supported only for DoH"),
+        ("udp://", "unsupported DNS address"),
+        ("dns.example", "unsupported DNS address"),
+        ("udp://1.1.1.1:99999", "incorrect port number"),
     ],
 )
 def test_make_resolver_rejects(text: str, reason: str) -> None:
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(ValueError, match=f"^invalid DNS address {text!r}: {reason}"):
         make_resolver(text)
 
 
