@@ -121,6 +121,9 @@ Options:
                                         for one DC are tried in the given order).
   --workers=N                           Number of worker processes, 0 = one per CPU.
                                         [default: 0]
+  --no-pacing                           Send records to clients as fast as they come,
+                                        without the doppelganger's timing (faster, but
+                                        easier to tell from a website).
 """
 
 GENERATE_SECRET_DOC = f"""\
@@ -394,6 +397,7 @@ def simple_run_config(args: Mapping[str, Any]) -> dict[str, Any]:
         },
         "defense": {
             "anti-replay": {"enabled": True, "max-size": args["--antireplay-cache-size"]},
+            "doppelganger": {"pacing": not args["--no-pacing"]},
         },
     }
     if args["--domain-fronting-ip"] is not None:

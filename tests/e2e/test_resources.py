@@ -69,8 +69,10 @@ def test_bulk_upload_to_slow_dc_keeps_memory_bounded(
 
 
 def test_bulk_download_to_slow_client_keeps_memory_bounded(
-    proxy: ProxyProcess, fake_dc: FakeDC, test_secret: KitSecret
+    proxy_factory: ProxyPool, fake_dc: FakeDC, test_secret: KitSecret
 ) -> None:
+    # Unpaced: the fast path is the one that can outrun a slow client.
+    proxy = proxy_factory({"defense": {"doppelganger": {"pacing": False}}})
     _warm_up(proxy, test_secret)
     with (
         fake_dc.configured(mode="source", source_size=BULK),

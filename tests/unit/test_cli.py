@@ -555,7 +555,13 @@ def test_simple_run_builds_mtgs_config(
     assert cfg.network.proxies == ()
     assert dict(cfg.dc_overrides) == {}
     assert cfg.tolerate_time_skewness == 3.0
+    assert cfg.defense.doppelganger.pacing is True
     assert capsys.readouterr().out == ""
+
+
+def test_simple_run_no_pacing(served: list[Any]) -> None:
+    assert cli.main(["simple-run", "--no-pacing", "127.0.0.1:3128", SECRET_HEX]) == 7
+    assert served[0].defense.doppelganger.pacing is False
 
 
 def test_simple_run_flags(served: list[Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -897,3 +897,13 @@ def test_proxy_protocol_trusted_networks() -> None:
 )
 def test_proxy_protocol_trusted_errors(value: Any, message: str) -> None:
     assert error_of(minimal(**{"proxy-protocol-trusted": value})).startswith(message)
+
+
+def test_pacing_is_on_by_default_and_can_be_turned_off() -> None:
+    assert parse(minimal()).defense.doppelganger.pacing is True
+    off = parse(minimal(defense={"doppelganger": {"pacing": False}}))
+    assert off.defense.doppelganger.pacing is False
+    assert off.to_json_dict()["defense"]["doppelganger"]["pacing"] is False
+    assert error_of(minimal(defense={"doppelganger": {"pacing": "no"}})) == (
+        "defense.doppelganger.pacing: expected a boolean, got string"
+    )
