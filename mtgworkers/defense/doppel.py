@@ -231,9 +231,13 @@ class SharedState:
             68         4   u32 next gap slot (ring)
             72         4   u32 size samples held (<= 4096)
             76         4   u32 next size slot (ring)
-            80     16384   f32 gaps (ms) ring
-         16464     16384   u32 handshake sizes ring
-         32848             (end)
+            80         8   f64 shape learned at (0 = never)
+            88         2   u16 shape length (<= 62)
+            90        62   the fronting site's handshake shape, opaque here (see
+                           mtgworkers.protocol.serverhello)
+           152     16384   f32 gaps (ms) ring
+         16536     16384   u32 handshake sizes ring
+         32920             (end)
 
     One process writes (the one that raids); readers take :meth:`snapshot`, which retries
     while the sequence is odd or changed during the read, so a reader never sees half an
@@ -243,12 +247,14 @@ class SharedState:
 
     MAGIC: Final = b"MTGWDOPL"
     VERSION: Final = 1
-    SIZE: Final = 80 + MAX_SAMPLES * 4 * 2
+    SHAPE_MAX: Final = 62
+    SIZE: Final = 152 + MAX_SAMPLES * 4 * 2
     _HEAD = struct.Struct("<8sII")
     _PARAMS = struct.Struct("<dddIIdd")  # k, lambda, fitted, mean, jitter, calibrated, raid
     _COUNTS = struct.Struct("<IIII")
-    _GAPS_AT = 80
-    _SIZES_AT = 80 + MAX_SAMPLES * 4
+    _SHAPE_AT = 80
+    _GAPS_AT = 152
+    _SIZES_AT = 152 + MAX_SAMPLES * 4
 
     def __init__(self, buf: memoryview | bytearray) -> None:
         view = memoryview(buf)
@@ -296,6 +302,31 @@ class SharedState:
         gaps, _, sizes, _ = self._COUNTS.unpack_from(self._view, 64)
         noise = NoiseParams(mean, jitter) if mean else None
         return Learned(WeibullParams(k, lam), noise, gaps, sizes, fitted, calibrated, raid)
+
+    def shape(self) -> tuple[bytes, float]:
+        """The stored handshake shape and when it was learned (``b""``, 0: never)."""
+        for _ in range(1000):
+            before = self._sequence()
+            if before & 1:
+                continue
+            found = self._read_shape()
+            if self._sequence() == before:
+                return found
+        return self._read_shape()
+
+    def _read_shape(self) -> tuple[bytes, float]:
+        at, length = struct.unpack_from("<dH", self._view, self._SHAPE_AT)
+        length = min(length, self.SHAPE_MAX)
+        return bytes(self._view[self._SHAPE_AT + 10 : self._SHAPE_AT + 10 + length]), at
+
+    def set_shape(self, blob: bytes, now: float) -> None:
+        """Store a handshake shape (at most :data:`SHAPE_MAX` bytes) learned at ``now``."""
+        if len(blob) > self.SHAPE_MAX:
+            raise ValueError(f"a shape has at most {self.SHAPE_MAX} bytes, not {len(blob)}")
+        seq = self._begin()
+        struct.pack_into("<dH", self._view, self._SHAPE_AT, now, len(blob))
+        self._view[self._SHAPE_AT + 10 : self._SHAPE_AT + 10 + len(blob)] = blob
+        self._end(seq)
 
     def gaps(self) -> list[float]:
         """The gap samples held, oldest first (writer side)."""

@@ -181,3 +181,16 @@ def test_json_form_for_doctor() -> None:
     assert data["learned"] is True and data["gap_samples"] == 120
     assert data["noise_mean"] == 4133 and data["noise_jitter"] == 267
     assert data["fitted_age_seconds"] == 60.0 and data["raid_age_seconds"] is None
+
+
+def test_the_shape_slot_stores_an_opaque_blob() -> None:
+    state = SharedState.private()
+    assert state.shape() == (b"", 0.0)
+    state.set_shape(b"\x13\x02\x00\x2b\x00\x33", 77.0)
+    assert state.shape() == (b"\x13\x02\x00\x2b\x00\x33", 77.0)
+    state.set_shape(b"", 78.0)
+    assert state.shape() == (b"", 78.0)
+    with pytest.raises(ValueError):
+        state.set_shape(bytes(63), 79.0)
+    state.add([1.0] * 10, [], now=80.0)  # the samples do not overwrite the shape
+    assert state.shape() == (b"", 78.0)
