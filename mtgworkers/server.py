@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import resource
 import socket
 import time
@@ -25,7 +26,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from mtgworkers import events
 from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
+from mtgworkers.defense.doppel import NoiseParams, SharedState, noise_length
 from mtgworkers.defense.iplist import IPList
+from mtgworkers.defense.scout import Raider, raid_fetcher
 from mtgworkers.defense.updater import IPListUpdater
 from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
@@ -205,10 +208,15 @@ class Worker:
         replay_filter: ReplayFilter,
         limiter: Limiter,
         events: events.EventStream,
+        doppel: SharedState | None = None,
+        doppel_lock: int | None = None,
         clock: Callable[[], float] = time.time,
         startup_checks: bool = False,
     ) -> None:
         """A worker over its collaborators; :func:`build_worker` makes them from a config.
+
+        ``doppel`` is what the doppelganger learned (shared between workers; default: a
+        private state) and ``doppel_lock`` a descriptor that guards claiming a raid.
 
         startup_checks: run run_startup_checks() in the background once listening. With
         several worker processes the caller enables it in one of them only.
@@ -234,6 +242,11 @@ class Worker:
         self.drs = config.defense.doppelganger.drs
         # one scheduler for every paced connection of this worker (None: pacing off)
         self.pacer = Pacer(loop) if config.defense.doppelganger.pacing else None
+        self.doppel = doppel or SharedState.private()
+        self._doppel_lock = doppel_lock
+        self._noise: NoiseParams | None = None  # calibrated ServerHello noise, if learned
+        self._learned_at = -1.0  # loop time the learned values were last read
+        self._refresh_learned()
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
         self.dc_table = DCTable(overrides=config.dc_overrides)
         self.resolver = resolver
@@ -323,6 +336,7 @@ class Worker:
             )
         else:  # mtg's static 0.0.0.0/0 + ::/0 list reports size 2
             self.events.send(events.EventIPListSize(2, is_blocklist=False))
+        self._raid()
         if config.auto_update:
             self._spawn(
                 PublicConfigUpdater(
@@ -332,6 +346,27 @@ class Worker:
                     ),
                 ).run()
             )
+
+    def _raid(self) -> None:
+        doppelganger = self.config.defense.doppelganger
+        if not doppelganger.urls or not self.startup_checks:
+            return  # one worker per generation raids; the claim keeps it to one at a time
+        fetch = raid_fetcher(self.dialer.open_socket, self.config.network.timeout.http)
+        raider = Raider(doppelganger, self.doppel, fetch, lock_fd=self._doppel_lock)
+        self._spawn(raider.run())
+
+    def _refresh_learned(self) -> None:
+        """Take the doppelganger's newest values (a few struct reads; once a second)."""
+        learned = self.doppel.snapshot()
+        if self.pacer is not None:
+            self.pacer.params = learned.weibull
+        self._noise = learned.noise
+        self._learned_at = self.loop.time()
+
+    def noise_length(self) -> int | None:
+        """Length of the next ServerHello's noise record: around the fronting site's
+        measured handshake size once calibrated, else None (the built-in range)."""
+        return noise_length(self._noise, random.randrange)
 
     def _set_blocklist(self, iplist: IPList) -> None:
         self.blocklist = iplist
@@ -525,6 +560,8 @@ class Worker:
                 session.tick(now, idle, linger, flush)
             except Exception as exc:  # a session bug must never stop the sweeper
                 _log.error("session tick failed", extra={"error": repr(exc)}, exc_info=exc)
+        if now - self._learned_at >= 1.0:
+            self._refresh_learned()
         self._sweeper = loop.call_later(self._tick, self._sweep)
 
 
@@ -535,6 +572,8 @@ def build_worker(
     metrics_id: int | str,
     replay_filter: ReplayFilter | None = None,
     limiter: Limiter | None = None,
+    doppel: SharedState | None = None,
+    doppel_lock: int | None = None,
     clock: Callable[[], float] = time.time,
     startup_checks: bool = False,
 ) -> tuple[Worker, Callable[[], None]]:
@@ -545,7 +584,9 @@ def build_worker(
     metrics observers ``[stats.prometheus]``/``[stats.statsd]`` enable. What is shared
     between worker processes is passed in: ``replay_filter`` (default: a private filter
     per ``[defense.anti-replay]``) and ``limiter`` (default: a private ``concurrency``
-    gate). Call it in the worker process (after fork) and before ``worker.start()``.
+    gate), and ``doppel`` with ``doppel_lock`` (default: a private state, see
+    :class:`Worker`). Call it in the worker process (after fork) and before
+    ``worker.start()``.
 
     ``metrics_id`` names this process's Prometheus files and must be unique among the
     worker processes alive at the same time; a replacement of a dead worker should reuse
@@ -592,6 +633,8 @@ def build_worker(
         replay_filter=replay_filter,
         limiter=limiter or LocalLimiter(config.concurrency),
         events=stream,
+        doppel=doppel,
+        doppel_lock=doppel_lock,
         clock=clock,
         startup_checks=startup_checks,
     )

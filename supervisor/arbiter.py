@@ -170,6 +170,9 @@ class Arbiter:
         self.sampler = Sampler()
         self.scoreboard: shm.Scoreboard | None = None
         self.replay: shm.ReplayCache | None = None
+        # what the doppelganger learned: one segment for the supervisor's life, so a
+        # reload keeps the learned timing and the time of the last raid
+        self.doppel: shm.Segment | None = None
         self.pid_file: str | None = None
         self.exporter: Exporter | None = None  # [stats.prometheus]: the metrics process
         self._wake_r = self._wake_w = self._life_r = self._life_w = -1
@@ -219,6 +222,7 @@ class Arbiter:
         try:
             self.scoreboard = shm.Scoreboard.create(CELLS)
             self.replay = self._replay_cache_for(self.config)
+            self.doppel = shm.create_doppel_segment()
         except OSError as exc:
             raise SupervisorError(f"cannot create shared memory: {exc}") from None
         if self.config.stats.prometheus.enabled:
@@ -723,6 +727,7 @@ class Arbiter:
             supervisor_pid=self.pid,
             scoreboard=self.scoreboard,
             replay=replay,
+            doppel=self.doppel,
             close_fds=(
                 report_r,
                 self._wake_r,
@@ -1102,6 +1107,9 @@ class Arbiter:
         if self.scoreboard is not None:
             self.scoreboard.close()
             self.scoreboard = None
+        if self.doppel is not None:
+            self.doppel.close()
+            self.doppel = None
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, self.pid)
             self.pid_file = None

@@ -8,7 +8,7 @@ start (:func:`remove_stale_segments`), and systemd's ``RemoveIPC=`` (implied by
 ``DynamicUser=``) removes them too.
 
 File names: ``mtgworkers-<supervisor pid>-<16 hex digits>-<kind>``, ``kind`` is
-``scoreboard`` or ``replay``.
+``scoreboard``, ``replay``, ``doppel`` or ``pool``.
 
 Scoreboard layout (all integers little-endian, offsets in bytes)::
 
@@ -91,6 +91,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mtgworkers.defense.antireplay import StableBloomFilter
+from mtgworkers.defense.doppel import SharedState
 from mtgworkers.proc import pid_alive, shm_dir
 from supervisor.states import WorkerState
 
@@ -477,6 +478,15 @@ class SharedLimiter:
         cell = self._cell
         if self._sessions[cell]:
             self._sessions[cell] -= 1
+
+
+def create_doppel_segment(directory: str | None = None) -> Segment:
+    """The doppelganger's learned state (layout: ``mtgworkers.defense.doppel.SharedState``),
+    initialised with mtg's defaults. Workers map it through fork; the raiding worker claims
+    raids under ``flock`` on its own descriptor (:meth:`Segment.reopen`). Raises OSError."""
+    segment = Segment("doppel", SharedState.SIZE, directory)
+    SharedState(segment.map)
+    return segment
 
 
 class ReplayCache:

@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from mtgworkers.defense.antireplay import NoopFilter
+from mtgworkers.defense.doppel import SharedState
 from supervisor.signals import CAUGHT_SIGNALS, IGNORED_SIGNALS
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
     from mtgworkers.server import ReplayFilter, Worker
-    from supervisor.shm import ReplayCache, Scoreboard
+    from supervisor.shm import ReplayCache, Scoreboard, Segment
 
 __all__ = ["WORKER_BOOT_ERROR", "WORKER_CRASHED", "WorkerSpec", "worker_main"]
 
@@ -76,6 +77,7 @@ class WorkerSpec:
     supervisor_pid: int
     scoreboard: Scoreboard
     replay: ReplayCache | None
+    doppel: Segment | None = None  # the doppelganger's learned state (shm.create_doppel_segment)
     close_fds: tuple[int, ...] = ()  # supervisor descriptors the worker must not keep
     close_sockets: tuple[socket.socket, ...] = ()  # other slots' sockets
     startup_checks: bool = False  # mtg's start-up SNI-DNS check: one worker per generation
@@ -209,12 +211,18 @@ async def _boot_and_serve(
         )
         # Metrics files are named after the cell: unique among live workers, and the
         # replacement of a dead worker continues its counters.
+        doppel = doppel_lock = None
+        if spec.doppel is not None:
+            doppel = SharedState(spec.doppel.map)
+            doppel_lock = spec.doppel.reopen()
         worker, detach_stats = build_worker(
             spec.config,
             loop,
             metrics_id=spec.cell,
             replay_filter=replay_filter,
             limiter=spec.scoreboard.limiter(spec.cell, spec.config.concurrency),
+            doppel=doppel,
+            doppel_lock=doppel_lock,
             startup_checks=spec.startup_checks,
         )
         detach.append(detach_stats)

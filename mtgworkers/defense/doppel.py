@@ -30,7 +30,12 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import mmap
+
+    Buffer = memoryview | bytearray | mmap.mmap
 
 __all__ = [
     "DEFAULT_K",
@@ -256,13 +261,15 @@ class SharedState:
     _GAPS_AT = 152
     _SIZES_AT = 152 + MAX_SAMPLES * 4
 
-    def __init__(self, buf: memoryview | bytearray) -> None:
+    def __init__(self, buf: Buffer) -> None:
         view = memoryview(buf)
         if len(view) < self.SIZE:
             raise ValueError(f"doppelganger state needs {self.SIZE} bytes, got {len(view)}")
         self._view = view
         magic, version, _ = self._HEAD.unpack_from(view, 0)
         if magic != self.MAGIC:
+            if view.readonly:
+                raise ValueError("not a doppelganger state (no magic)")
             self._HEAD.pack_into(view, 0, self.MAGIC, self.VERSION, 0)
             self._PARAMS.pack_into(view, 16, DEFAULT_K, DEFAULT_LAMBDA_MS, 0.0, 0, 0, 0.0, 0.0)
             self._COUNTS.pack_into(view, 64, 0, 0, 0, 0)

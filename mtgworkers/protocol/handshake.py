@@ -143,6 +143,8 @@ class ServerHandshake:
     send one (``proxy-protocol-trusted``). ``replayed(session_id)`` tests and records a
     hello's session id in the anti-replay filter. ``random_bytes(n)`` is the source of the
     ServerHello's randomness. ``tolerance`` is the allowed clock skew in seconds.
+    ``noise_length()`` gives the length of the ServerHello's noise record (None: the
+    built-in range), the doppelganger's calibration to the fronting site.
     """
 
     __slots__ = (
@@ -153,6 +155,7 @@ class ServerHandshake:
         "_state",
         "client",
         "header_allowed",
+        "noise_length",
         "peer",
         "random_bytes",
         "replayed",
@@ -170,6 +173,7 @@ class ServerHandshake:
         random_bytes: Callable[[int], bytes],
         proxy_header: bool = False,
         header_allowed: bool = True,
+        noise_length: Callable[[], int | None] | None = None,
     ) -> None:
         self.secret = secret
         self.peer = peer
@@ -178,6 +182,7 @@ class ServerHandshake:
         self.replayed = replayed
         self.random_bytes = random_bytes
         self.header_allowed = header_allowed
+        self.noise_length = noise_length
         self._state = _PROXY_HEADER if proxy_header else _ADMIT
         self._buf = bytearray()
         # Length the buffer must reach before the hello is worth parsing again: a hello
@@ -262,7 +267,10 @@ class ServerHandshake:
             return self._front(FrontReason.BAD_HELLO, str(exc))
         if self.replayed(hello.session_id):
             return self._front(FrontReason.REPLAY, "")
-        answer = faketls.build_server_hello(hello, self.secret.key, urandom=self.random_bytes)
+        noise = self.noise_length() if self.noise_length is not None else None
+        answer = faketls.build_server_hello(
+            hello, self.secret.key, noise_len=noise, urandom=self.random_bytes
+        )
         rest = bytes(buf[consumed:])
         self._buf = bytearray()
         self._reader = faketls.RecordReader()

@@ -173,23 +173,30 @@ class ProxyProcess:
         return self.proc.pid
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self, timeout: float = 15.0, *, nofile: int | None = None) -> ProxyProcess:
+    def start(
+        self,
+        timeout: float = 15.0,
+        *,
+        nofile: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ProxyProcess:
         """Write the config, start the proxy and wait (bounded) until it listens.
 
         ``nofile`` sets the proxy's RLIMIT_NOFILE, soft and hard (so that it cannot raise
-        it). Raises RuntimeError with the proxy's output if it exits or does not listen.
+        it); ``env`` adds environment variables. Raises RuntimeError with the proxy's
+        output if it exits or does not listen.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        environment = {**os.environ, **(env or {})}
+        environment["PYTHONUNBUFFERED"] = "1"
+        environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), environment.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mtgworkers", "run", str(self.config_path)],
             cwd=self.workdir,
-            env=env,
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -54,13 +54,15 @@ class Website:
         *,
         body: bytes = BODY,
         host: str = "127.0.0.1",
+        cert: trustme.LeafCert | None = None,
     ) -> None:
         self.ca = ca
         self.hostname = hostname
         self.body = body
         self.host = host
         self.port = 0
-        self._cert = ca.issue_cert(hostname)
+        # ``cert``: a certificate (and its chain) made by the caller, e.g. under intermediates
+        self._cert = cert or ca.issue_cert(hostname)
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._cert.configure_cert(self._ctx)
         self._local = threading.local()
