@@ -58,6 +58,7 @@ class Settings:
     repeats: int = 2
     msg: int = 16384
     streams_many: int = 64
+    paced_streams: int = 256  # the paced scenario: many connections, each capped
     window_one: int = 256 * 1024
     window_many: int = 64 * 1024
     hs_slots: int = 64
@@ -89,6 +90,7 @@ class Settings:
             warmup=0.02,
             repeats=1,
             streams_many=8,
+            paced_streams=8,
             window_one=64 * 1024,
             window_many=32 * 1024,
             hs_slots=8,
@@ -208,8 +210,12 @@ class Target:
         return inst
 
 
-def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
-    """A bench config for ``mtgworkers run`` (also handed to compared commands)."""
+def mtg_config(ctx: Context, port: int, options: dict[str, Any], *, ours: bool = False) -> str:
+    """A bench config for ``mtgworkers run`` (also handed to compared commands).
+
+    ``ours`` adds the keys only this mtgworkers knows: pacing is off unless
+    ``options["pacing"]``, so the relay scenarios measure the relay engine, and the
+    ``paced`` scenario turns it on. Compared commands get mtg's keys only."""
     lines = [
         f'secret = "{ctx.secret}"',
         f'bind-to = "127.0.0.1:{port}"',
@@ -231,6 +237,9 @@ def mtg_config(ctx: Context, port: int, options: dict[str, Any]) -> str:
     lines += ["", "[supervisor]", 'graceful-timeout = "1s"']
     if options.get("workers"):
         lines.append(f"workers = {int(options['workers'])}")
+    if ours:
+        pacing = "true" if options.get("pacing") else "false"
+        lines += ["", "[defense.doppelganger]", f"pacing = {pacing}"]
     if options.get("metrics_port"):
         lines += [
             "",
@@ -250,7 +259,7 @@ class MtgTarget(Target):
 
     def argv(self, ctx: Context, port: int, options: dict[str, Any]) -> tuple[list[str], dict]:
         path = ctx.tmp / f"mtgworkers-{port}.toml"
-        path.write_text(mtg_config(ctx, port, options))
+        path.write_text(mtg_config(ctx, port, options, ours=True))
         return [self.python, "-m", "mtgworkers", "run", str(path)], {}
 
 

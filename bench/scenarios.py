@@ -532,6 +532,57 @@ def reload_scenario(ctx: Context, sc: Scenario) -> Result:
     return paired(ctx, sc, "sighup", fresh, during=hup)
 
 
+def paced_scenario(ctx: Context, sc: Scenario) -> Result:
+    """Many downloading connections with the doppelganger's pacing on vs off (mtgworkers
+    only: compared proxies have no such switch). Figures: MB/s in total and per
+    connection, and proxy CPU seconds per GB relayed; the value is CPU per GB paced over
+    CPU per GB unpaced (1.0 = pacing costs nothing per byte)."""
+    target = next((t for t in ctx.targets if t.key == "proxy"), None)
+    if target is None:
+        raise Skip("needs mtgworkers itself (--no-proxy was given)")
+    streams = ctx.settings.paced_streams
+    job, total, split = stream_job(ctx, "source", streams)
+    got: dict[str, dict[str, list[float]]] = {
+        mode: {"mbps": [], "cpu_per_gb": [], "cpu_pct": []} for mode in ("off", "on")
+    }
+    errors: list[str] = []
+    warnings: list[str] = []
+    for _ in range(ctx.settings.repeats):
+        for mode in ("off", "on"):
+            inst = ctx.instance(target) if mode == "off" else ctx.launch(target, pacing=True)
+            try:
+                window = measure(ctx, inst, job, total, split)
+            finally:
+                if mode == "on":
+                    inst.close()
+            moved = max(window.rx + window.tx, 1)
+            cpu_seconds = window.cpu_pct / 100 * window.elapsed
+            got[mode]["mbps"].append(rate_of(job, window))
+            got[mode]["cpu_per_gb"].append(cpu_seconds / (moved / 1e9))
+            got[mode]["cpu_pct"].append(window.cpu_pct)
+            e, w = problems_of(ctx, target, window)
+            errors += e
+            warnings += w
+    res: dict[str, Any] = {"label": target.label, "streams": streams}
+    for mode, values in got.items():
+        mbps = statistics.median(values["mbps"])
+        res[mode] = {
+            "mb_per_s": _round(mbps),
+            "mb_per_s_per_connection": _round(mbps / streams),
+            "cpu_seconds_per_gb": _round(statistics.median(values["cpu_per_gb"])),
+            "cpu_pct": round(statistics.median(values["cpu_pct"]), 1),
+        }
+    res["value"] = _round(res["on"]["cpu_seconds_per_gb"] / res["off"]["cpu_seconds_per_gb"])
+    out = finish(sc, {target.key: res}, errors, warnings, "value")
+    out["ratio"] = {}
+    out["note"] = (
+        f"{streams} downloads; paced {res['on']['mb_per_s_per_connection']} MB/s per "
+        f"connection, {res['on']['cpu_seconds_per_gb']} CPU s/GB vs "
+        f"{res['off']['cpu_seconds_per_gb']} unpaced"
+    )
+    return out
+
+
 # -- registry ------------------------------------------------------------------------------------
 def _idle_small(ctx: Context) -> int:
     return ctx.settings.idle_small
@@ -565,6 +616,13 @@ SCENARIOS = [
         "DC -> client only (source), 64 streams",
         "MB/s",
         rate_scenario(lambda ctx: stream_job(ctx, "source", ctx.settings.streams_many)),
+    ),
+    Scenario(
+        "paced",
+        "many paced downloads: CPU per GB, pacing on / off",
+        "x",
+        paced_scenario,
+        better="lower",
     ),
     Scenario("handshakes", "full handshakes (connect..close)", "1/s", rate_scenario(handshake_job)),
     Scenario(
