@@ -83,7 +83,6 @@ import contextlib
 import fcntl
 import mmap
 import os
-import re
 import secrets
 import struct
 import time
@@ -92,7 +91,7 @@ from typing import Final
 
 from mtgworkers.defense.antireplay import StableBloomFilter
 from mtgworkers.defense.doppel import SharedState
-from mtgworkers.proc import pid_alive, shm_dir
+from mtgworkers.proc import SEGMENT_NAME, SEGMENT_PREFIX, pid_alive, shm_dir
 from supervisor.states import WorkerState
 
 __all__ = [
@@ -105,8 +104,8 @@ __all__ = [
     "remove_stale_segments",
 ]
 
-PREFIX: Final = "mtgworkers-"
-_NAME_RE = re.compile(r"mtgworkers-(\d+)-[0-9a-f]{16}-[a-z]+\Z")
+PREFIX: Final = SEGMENT_PREFIX
+_NAME_RE = SEGMENT_NAME
 
 MAGIC: Final = b"MTGWSCB\x00"
 VERSION: Final = 1
