@@ -34,6 +34,7 @@ from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import Resolver, make_resolver
 from mtgworkers.net.http import url_fetcher
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.pacing import Pacer
 from mtgworkers.session import ClientSession
 from mtgworkers.telegram_updater import PublicConfigUpdater
@@ -171,12 +172,16 @@ def create_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> sock
     try:
         sock = bind_reuseport(host, port)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {_join(host, port)}: {exc.strerror or exc}") from exc
+        raise StartupError(
+            f"cannot listen on {join_host_port(host, port)}: {exc.strerror or exc}"
+        ) from exc
     try:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {_join(host, port)}: {exc.strerror or exc}") from exc
+        raise StartupError(
+            f"cannot listen on {join_host_port(host, port)}: {exc.strerror or exc}"
+        ) from exc
     return sock
 
 
@@ -189,10 +194,6 @@ def _endpoint(addr: tuple[Any, ...]) -> tuple[str, int]:
     if ip.startswith("::ffff:") and "." in ip:
         ip = ip[7:]
     return ip, addr[1]
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Worker:
@@ -541,7 +542,8 @@ class Worker:
         for ip in addresses:
             if self.is_own_listener((ip, port)):
                 raise StartupError(
-                    f"domain fronting to {_join(host, port)} would loop: {ip}:{port} is this "
+                    f"domain fronting to {join_host_port(host, port)} would loop: "
+                    f"{join_host_port(ip, port)} is this "
                     "proxy's own listening address. Set [domain-fronting] ip/port to the real "
                     "website (for example a web server on another port of this host)"
                 )

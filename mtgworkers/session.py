@@ -27,6 +27,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from mtgworkers import events
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol import obfs2, proxyproto
 from mtgworkers.protocol.handshake import (
     NEED_DATA,
@@ -395,7 +396,10 @@ class ClientSession(asyncio.Protocol):
                 sock.close()
                 _log.error(
                     "cannot dial to the fronting domain",
-                    extra={"error": f"{peer[0]}:{peer[1]} is this proxy itself (fronting loop)"},
+                    extra={
+                        "error": f"{join_host_port(peer[0], peer[1])} is this proxy itself "
+                        "(fronting loop)"
+                    },
                 )
                 self.close()
                 return

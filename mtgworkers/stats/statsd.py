@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from mtgworkers import events
+from mtgworkers.netaddr import join_host_port
 from mtgworkers.stats.prometheus import FROM_CLIENT, TO_CLIENT, StatsError, ip_family
 
 __all__ = ["FLUSH_INTERVAL", "MAX_PACKET", "StatsdObserver", "format_line", "render_tags"]
@@ -123,7 +124,7 @@ class StatsdObserver:
             self._sock.setblocking(False)
             self._sock.connect((host, port))
         except OSError as exc:
-            raise StatsError(f"cannot set up statsd to {host}:{port}: {exc}") from exc
+            raise StatsError(f"cannot set up statsd to {join_host_port(host, port)}: {exc}") from exc
         self._handlers: dict[type, Callable[[Any], None]] = {
             events.EventStart: self._on_start,
             events.EventConnectedToDC: self._on_connected,
