@@ -124,7 +124,8 @@ class StatsdObserver:
             self._sock.setblocking(False)
             self._sock.connect((host, port))
         except OSError as exc:
-            raise StatsError(f"cannot set up statsd to {join_host_port(host, port)}: {exc}") from exc
+            address = join_host_port(host, port)
+            raise StatsError(f"cannot set up statsd to {address}: {exc}") from exc
         self._handlers: dict[type, Callable[[Any], None]] = {
             events.EventStart: self._on_start,
             events.EventConnectedToDC: self._on_connected,
