@@ -40,6 +40,7 @@ from typing import Final
 from mtgworkers.protocol import faketls, obfs2, proxyproto
 from mtgworkers.protocol.errors import ProtocolError
 from mtgworkers.protocol.secret import Secret
+from mtgworkers.protocol.serverhello import Shape
 
 __all__ = [
     "MAX_HELLO_BYTES",
@@ -143,6 +144,9 @@ class ServerHandshake:
     send one (``proxy-protocol-trusted``). ``replayed(session_id)`` tests and records a
     hello's session id in the anti-replay filter. ``random_bytes(n)`` is the source of the
     ServerHello's randomness. ``tolerance`` is the allowed clock skew in seconds.
+    ``shape()``, when given, returns the fronting site's learned ServerHello shape (or
+    None: nothing learned), asked once per valid hello; the answer then picks the suite
+    and orders the extensions as the site does (``faketls.build_server_hello``).
     """
 
     __slots__ = (
@@ -157,6 +161,7 @@ class ServerHandshake:
         "random_bytes",
         "replayed",
         "secret",
+        "shape",
         "tolerance",
     )
 
@@ -170,8 +175,10 @@ class ServerHandshake:
         random_bytes: Callable[[int], bytes],
         proxy_header: bool = False,
         header_allowed: bool = True,
+        shape: Callable[[], Shape | None] | None = None,
     ) -> None:
         self.secret = secret
+        self.shape = shape
         self.peer = peer
         self.client = peer
         self.tolerance = tolerance
@@ -262,7 +269,12 @@ class ServerHandshake:
             return self._front(FrontReason.BAD_HELLO, str(exc))
         if self.replayed(hello.session_id):
             return self._front(FrontReason.REPLAY, "")
-        answer = faketls.build_server_hello(hello, self.secret.key, urandom=self.random_bytes)
+        answer = faketls.build_server_hello(
+            hello,
+            self.secret.key,
+            urandom=self.random_bytes,
+            shape=None if self.shape is None else self.shape(),
+        )
         rest = bytes(buf[consumed:])
         self._buf = bytearray()
         self._reader = faketls.RecordReader()
