@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mtgworkers.protocol.errors import ProtocolError
 from mtgworkers.protocol.secret import Secret
+from mtgworkers.protocol.serverhello import Shape
 
 __all__ = [
     "MAX_HELLO_RECORDS",
@@ -97,7 +98,8 @@ class ClientHello:
     ``random`` is the client random as sent (digest XOR timestamp), ``cipher_suite`` the first
     non-GREASE suite, ``sni`` the server names in order (``None`` when the hello has no
     server_name extension at all, as Telegram iOS sends it), ``canonical`` the hello as one
-    record ``16 03 01 ...`` (equal to the wire bytes unless the client fragmented it).
+    record ``16 03 01 ...`` (equal to the wire bytes unless the client fragmented it),
+    ``suites`` the offered cipher suites as sent (2 bytes each, GREASE included).
     """
 
     random: bytes
@@ -105,6 +107,7 @@ class ClientHello:
     cipher_suite: int
     sni: tuple[bytes, ...] | None
     canonical: bytes
+    suites: bytes = b""
 
 
 # -- reading the ClientHello ---------------------------------------------------------------
@@ -253,6 +256,7 @@ def _parse_body(body: bytes, canonical: bytes) -> ClientHello:
         cipher_suite=cipher_suite,
         sni=_parse_sni(cur),
         canonical=canonical,
+        suites=suites,
     )
 
 
@@ -386,6 +390,7 @@ def build_server_hello(
     *,
     noise_len: int | None = None,
     urandom: Callable[[int], bytes] = os.urandom,
+    shape: Shape | None = None,
 ) -> bytes:
     """Build the whole answer to a verified hello: ServerHello, CCS, one ApplicationData.
 
@@ -394,6 +399,11 @@ def build_server_hello(
     bytes (clamped to 1..:data:`MAX_RECORD_PAYLOAD`; default 2500..4699 like mtg). The server
     random is ``HMAC-SHA256(key, client_random || packet with zero random)``. ``urandom`` is
     the source of every random byte (injectable for tests). Returns the bytes to send at once.
+
+    With the fronting site's ``shape`` (``serverhello.Shape``) the cipher suite is the one
+    the site picks for this hello's suites and the extensions are in the site's order (with
+    any others it sends); the key share stays X25519. Without it (or when the shape's rule
+    says nothing for this hello) the answer is the one described above, byte for byte.
     """
     if noise_len is None:
         noise_len = NOISE_MIN + int.from_bytes(urandom(4), "big") % NOISE_SPREAD
@@ -405,15 +415,20 @@ def build_server_hello(
         .public_bytes(Encoding.Raw, PublicFormat.Raw)
     )
     session_id = hello.session_id
+    suite = hello.cipher_suite
+    if shape is None:
+        tail = _SERVER_HELLO_TAIL + public_key
+    else:
+        suite = shape.select_suite(hello.suites) or suite
+        tail = b"\x00" + shape.extensions_block(public_key)
     server_hello = b"".join(
         (
             b"\x03\x03",
             _ZERO_RANDOM,
             bytes((len(session_id),)),
             session_id,
-            _U16.pack(hello.cipher_suite),
-            _SERVER_HELLO_TAIL,
-            public_key,
+            _U16.pack(suite),
+            tail,
         )
     )
     handshake_len = 4 + len(server_hello)

@@ -40,6 +40,7 @@ from typing import Final
 from mtgworkers.protocol import faketls, obfs2, proxyproto
 from mtgworkers.protocol.errors import ProtocolError
 from mtgworkers.protocol.secret import Secret
+from mtgworkers.protocol.serverhello import Shape
 
 __all__ = [
     "MAX_HELLO_BYTES",
@@ -145,6 +146,9 @@ class ServerHandshake:
     ServerHello's randomness. ``tolerance`` is the allowed clock skew in seconds.
     ``noise_length()`` gives the length of the ServerHello's noise record (None: the
     built-in range), the doppelganger's calibration to the fronting site.
+    ``shape()``, when given, returns the fronting site's learned ServerHello shape (or
+    None: nothing learned), asked once per valid hello; the answer then picks the suite
+    and orders the extensions as the site does (``faketls.build_server_hello``).
     """
 
     __slots__ = (
@@ -160,6 +164,7 @@ class ServerHandshake:
         "random_bytes",
         "replayed",
         "secret",
+        "shape",
         "tolerance",
     )
 
@@ -173,9 +178,16 @@ class ServerHandshake:
         random_bytes: Callable[[int], bytes],
         proxy_header: bool = False,
         header_allowed: bool = True,
-        noise_length: Callable[[], int | None] | None = None,
+        noise = self.noise_length() if self.noise_length is not None else None
+        answer = faketls.build_server_hello(
+            hello,
+            self.secret.key,
+            noise_len=noise,
+            urandom=self.random_bytes,
+            shape=None if self.shape is None else self.shape(),
     ) -> None:
         self.secret = secret
+        self.shape = shape
         self.peer = peer
         self.client = peer
         self.tolerance = tolerance
@@ -269,7 +281,11 @@ class ServerHandshake:
             return self._front(FrontReason.REPLAY, "")
         noise = self.noise_length() if self.noise_length is not None else None
         answer = faketls.build_server_hello(
-            hello, self.secret.key, noise_len=noise, urandom=self.random_bytes
+            hello,
+            self.secret.key,
+            noise_len=noise,
+            urandom=self.random_bytes,
+            shape=None if self.shape is None else self.shape(),
         )
         rest = bytes(buf[consumed:])
         self._buf = bytearray()
