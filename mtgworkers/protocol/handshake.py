@@ -178,13 +178,8 @@ class ServerHandshake:
         random_bytes: Callable[[int], bytes],
         proxy_header: bool = False,
         header_allowed: bool = True,
-        noise = self.noise_length() if self.noise_length is not None else None
-        answer = faketls.build_server_hello(
-            hello,
-            self.secret.key,
-            noise_len=noise,
-            urandom=self.random_bytes,
-            shape=None if self.shape is None else self.shape(),
+        noise_length: Callable[[], int | None] | None = None,
+        shape: Callable[[], Shape | None] | None = None,
     ) -> None:
         self.secret = secret
         self.shape = shape
