@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -29,6 +30,7 @@ from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.doppel import NoiseParams, SharedState, noise_length
 from mtgworkers.defense.iplist import IPList
 from mtgworkers.defense.scout import Raider, raid_fetcher
+from mtgworkers.defense.shape import ShapeReader, learn_shape
 from mtgworkers.defense.updater import IPListUpdater
 from mtgworkers.fdguard import AcceptGuard
 from mtgworkers.net.dial import Dialer
@@ -247,6 +249,9 @@ class Worker:
         self._doppel_lock = doppel_lock
         self._noise: NoiseParams | None = None  # calibrated ServerHello noise, if learned
         self._learned_at = -1.0  # loop time the learned values were last read
+        self._shape_blob: tuple[bytes, float] = (b"", 0.0)
+        # the fronting site's ServerHello shape, decoded when the stored one changes
+        self.shape = ShapeReader(lambda: self._shape_blob)
         self._refresh_learned()
         self.allow_fallback_on_unknown_dc = config.allow_fallback_on_unknown_dc
         self.dc_table = DCTable(overrides=config.dc_overrides)
@@ -353,7 +358,20 @@ class Worker:
         if not doppelganger.urls or not self.startup_checks:
             return  # one worker per generation raids; the claim keeps it to one at a time
         fetch = raid_fetcher(self.dialer.open_socket, self.config.network.timeout.http)
-        raider = Raider(doppelganger, self.doppel, fetch, lock_fd=self._doppel_lock)
+        host, port = self.fronting_address
+
+        async def shape() -> bytes | None:
+            return await learn_shape(
+                host,
+                port,
+                functools.partial(self.dialer.open_socket, use_proxies=False),
+                sni=self.secret.host,
+                proxy_protocol=self.fronting_proxy_protocol,
+            )
+
+        raider = Raider(
+            doppelganger, self.doppel, fetch, lock_fd=self._doppel_lock, learn_shape=shape
+        )
         self._spawn(raider.run())
 
     def _refresh_learned(self) -> None:
@@ -362,6 +380,7 @@ class Worker:
         if self.pacer is not None:
             self.pacer.params = learned.weibull
         self._noise = learned.noise
+        self._shape_blob = self.doppel.shape()
         self._learned_at = self.loop.time()
 
     def noise_length(self) -> int | None:

@@ -144,6 +144,7 @@ class ClientSession(asyncio.Protocol):
             proxy_header=worker.proxy_protocol_listener,
             header_allowed=worker.proxy_header_allowed(self.client_addr[0]),
             noise_length=worker.noise_length,
+            shape=worker.shape,
         )
         self._timer = worker.loop.call_later(worker.handshake_timeout, self._handshake_timeout)
         self._drive()

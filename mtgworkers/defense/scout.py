@@ -216,12 +216,15 @@ class Raider:
         *,
         lock_fd: int | None = None,
         clock: Callable[[], float] = time.time,
+        learn_shape: Callable[[], Awaitable[bytes | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.fetch = fetch
         self.lock_fd = lock_fd
         self.clock = clock
+        # learns the fronting site's ServerHello shape (mtgworkers.defense.shape), once a raid
+        self.learn_shape = learn_shape
 
     async def run(self) -> None:
         """Raid whenever one is due, forever (a background task; cancel to stop)."""
@@ -266,6 +269,10 @@ class Raider:
                     size = handshake_size(fetched.records, fetched.first_write)
             if size:
                 sizes.append(size)
+        if self.learn_shape is not None:
+            shape = await self.learn_shape()  # None: logged "cannot learn", keep the old one
+            if shape is not None:
+                self.state.set_shape(shape, self.clock())
         before = self.state.snapshot()
         learned = self.state.add(gaps, sizes, self.clock())
         if learned.noise is not None and learned.calibrated_at != before.calibrated_at:
