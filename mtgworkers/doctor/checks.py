@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mtgworkers.config import format_duration, format_ntp_server
 from mtgworkers.config.deprecations import REMOVED_IN, deprecation_message
 from mtgworkers.dcs import DCTable
+from mtgworkers.defense.shape import ask_server_hello, x25519_share
 from mtgworkers.doctor import sni, sntp
 from mtgworkers.doctor.report import Section, Status, join_quoted
 from mtgworkers.doctor.tlsclient import (
@@ -39,6 +40,7 @@ from mtgworkers.net.dial import Dialer
 from mtgworkers.net.dns import DOH_ALPN, make_resolver
 from mtgworkers.netaddr import join_host_port
 from mtgworkers.protocol import proxyproto
+from mtgworkers.protocol import serverhello as sh
 from mtgworkers.server import FDS_PER_SESSION, FDS_RESERVED, LISTEN_BACKLOG, local_addresses
 
 if TYPE_CHECKING:
@@ -361,6 +363,105 @@ async def check_fronting(ctx: Context, section: Section) -> None:
         alpn=result.alpn,
         certificate=details,
         seconds=result.seconds,
+    )
+    _check_alpn(section, shown, result.version, result.alpn)
+    await _check_post_quantum(ctx, section, shown)
+
+
+# What a big site looks like in 2026 (doctor's "signals"): TLS 1.3 with HTTP/2, and the
+# hybrid post-quantum key exchange X25519MLKEM768 (RFC draft-ietf-tls-ecdhe-mlkem).
+PQ_FIX = (
+    "pick a fronting domain whose server negotiates X25519MLKEM768 (big sites and CDNs do, "
+    "as does any server on OpenSSL 3.5 or later, BoringSSL or Go 1.24 or later)"
+)
+
+
+def _check_alpn(section: Section, shown: str, version: str, alpn: str | None) -> None:
+    figures = {"signal": "alpn", "tls_version": version, "alpn": alpn}
+    if version == "TLSv1.3" and alpn == "h2":
+        section.add(
+            Status.OK,
+            f"{shown} serves TLS 1.3 with ALPN h2 (HTTP/2), as big sites do",
+            **figures,
+            expected=True,
+        )
+        return
+    section.add(
+        Status.WARNING,
+        f"{shown} serves {version} with ALPN {alpn or 'none'} to a client that offers h2: big "
+        "sites answer with TLS 1.3 and h2, so a censor probing this proxy sees a site that "
+        "looks less like one. Pick a fronting domain that serves HTTP/2 over TLS 1.3",
+        **figures,
+        expected=False,
+    )
+
+
+async def _check_post_quantum(ctx: Context, section: Section, shown: str) -> None:
+    """Offer X25519MLKEM768 first among the groups with only an x25519 key share: a server
+    that prefers it answers with a HelloRetryRequest naming it (no ML-KEM maths needed)."""
+    hello = sh.probe_client_hello(
+        ctx.config.secret.host,
+        random=os.urandom(32),
+        session_id=os.urandom(32),
+        key_shares=[(sh.GROUP_X25519, x25519_share())],
+        groups=(sh.GROUP_X25519MLKEM768, sh.GROUP_X25519, 0x0017, 0x0018),
+    )
+    figures: dict[str, Any] = {"signal": "post-quantum", "group": "X25519MLKEM768"}
+    try:
+        sock = await open_fronting(ctx)
+    except (OSError, asyncio.TimeoutError) as exc:
+        section.add(
+            Status.ERROR,
+            f"{shown}: cannot check X25519MLKEM768: unreachable: {_reason(exc)}",
+            **figures,
+            negotiates=None,
+        )
+        return
+    try:
+        answer, _ = await asyncio.wait_for(ask_server_hello(sock, hello), ctx.timeout)
+    except (OSError, asyncio.TimeoutError, sh.ServerHelloError) as exc:
+        if isinstance(exc, sh.ServerHelloError):
+            why = str(exc)
+        elif isinstance(exc, asyncio.TimeoutError):
+            why = f"no ServerHello within {ctx.timeout:g}s"
+        else:
+            why = _reason(exc)
+        status = Status.WARNING if isinstance(exc, sh.AlertReceived) else Status.ERROR
+        section.add(
+            status,
+            f"{shown}: cannot tell whether it negotiates X25519MLKEM768: {why}",
+            **figures,
+            negotiates=None,
+        )
+        return
+    finally:
+        sock.close()
+    chose = sh.group_name(answer.group) if answer.group else "no key share"
+    if answer.retry and answer.group == sh.GROUP_X25519MLKEM768:
+        section.add(
+            Status.OK,
+            f"{shown} negotiates post-quantum X25519MLKEM768, as big sites do (offered "
+            "without its key share, it asked for it with a HelloRetryRequest)",
+            **figures,
+            negotiates=True,
+            answer="hello_retry_request",
+        )
+        return
+    if answer.version != sh.TLS13:
+        how = f"answers TLS version {answer.version:#06x} (not TLS 1.3)"
+    elif answer.retry:
+        how = f"asks for {chose} instead"
+    else:
+        how = f"chose {chose} at once"
+    section.add(
+        Status.WARNING,
+        f"{shown} does not negotiate post-quantum X25519MLKEM768: offered first, it {how}. "
+        "Censors were reported in June 2026 to use this as a signal: big real sites negotiate "
+        f"X25519MLKEM768, and a site that does not looks less like one. Fix: {PQ_FIX}",
+        **figures,
+        negotiates=False,
+        answer="hello_retry_request" if answer.retry else "server_hello",
+        chosen=chose,
     )
 
 

@@ -8,7 +8,8 @@ As a censor: a TLS client with the secret's SNI but no secret, a random SNI, no 
 HTTP and a FakeTLS hello signed with a wrong key. Each goes to the proxy and, for
 comparison, straight to the fronting website. What a censor must see from the proxy is
 the website: its certificate (good), or a TLS alert (acceptable); a reset, a hang or an
-answer the website does not give is the proxy's own signature (bad).
+answer the website does not give is the proxy's own signature (bad). Last, the client's
+hello goes to the website too and the two answers are compared side by side (``faceoff``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from mtgworkers.doctor import faceoff
 from mtgworkers.doctor import faketls_client as ftc
 from mtgworkers.doctor.checks import Context, close_quietly, open_fronting
 from mtgworkers.doctor.report import Section, Status
@@ -109,7 +111,11 @@ def _describe_end(result: RawResult, timeout: float) -> str:
     return f"no answer within {timeout:g}s"
 
 
-async def _client_probe(ctx: Context, host: str, port: int, section: Section) -> None:
+async def _client_probe(
+    ctx: Context, host: str, port: int, section: Section, compare: Section
+) -> None:
+    """The FakeTLS and DC lines go to ``section``; the side-by-side with the fronting
+    website's answer to the same hello goes to ``compare``."""
     key, name = ctx.config.secret.key, ctx.config.secret.host
     try:
         sock = await _connect(host, port, ctx.timeout)
@@ -132,7 +138,14 @@ async def _client_probe(ctx: Context, host: str, port: int, section: Section) ->
             noise=noise,
             seconds=time.monotonic() - started,
         )
-        await _dc_probe(ctx, sock, section)
+
+        async def to_website() -> socket.socket:
+            return await open_fronting(ctx)
+
+        await asyncio.gather(
+            _dc_probe(ctx, sock, section),
+            faceoff.compare(hello.record, answer.data, to_website, name, ctx.timeout, compare),
+        )
     finally:
         close_quietly(sock)
 
@@ -400,8 +413,9 @@ async def check_probe(
         return
     close_quietly(sock)
     client = Section(section.key, section.title)
+    side_by_side = Section(section.key, section.title)
     _, censor = await asyncio.gather(
-        _client_probe(ctx, host, port, client), _censor_probes(ctx, host, port)
+        _client_probe(ctx, host, port, client, side_by_side), _censor_probes(ctx, host, port)
     )
     section.checks.extend(client.checks)
     for name, proxy_seen, website_seen in censor:
@@ -413,3 +427,4 @@ async def check_probe(
             proxy={"kind": proxy_seen.kind, "detail": proxy_seen.detail},
             website={"kind": website_seen.kind, "detail": website_seen.detail},
         )
+    section.checks.extend(side_by_side.checks)

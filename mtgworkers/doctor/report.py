@@ -100,9 +100,15 @@ class Section:
 
 @dataclass
 class Report:
-    """All sections in mtg's order (plus ours)."""
+    """All sections in mtg's order (plus ours).
+
+    ``doppelganger``: what the running proxy's doppelganger learned from the fronting
+    site (``Learned.as_json``), or None while nothing is known; ``--json`` carries it as
+    the top-level ``"doppelganger"`` key.
+    """
 
     sections: list[Section] = field(default_factory=list)
+    doppelganger: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -122,6 +128,7 @@ class Report:
             "ok": self.passed,
             "exit_code": self.exit_code,
             "sections": [section.to_json() for section in self.sections],
+            "doppelganger": self.doppelganger,
         }
 
     def render_json(self) -> str:

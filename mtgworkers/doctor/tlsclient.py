@@ -88,8 +88,13 @@ async def tls_handshake(
     context: ssl.SSLContext,
     server_name: str | None,
     timeout: float,
+    *,
+    received: bytearray | None = None,
 ) -> TLSResult:
     """Run a TLS client handshake on the connected non-blocking ``sock``.
+
+    ``received``, when given, collects every byte the server sent until the handshake
+    was complete (its whole first flight, for measuring it).
 
     ``server_name``: SNI and the name to verify (None: no SNI; ``context`` must then not
     check host names). Raises ssl.SSLError (SSLCertVerificationError for certificate
@@ -112,6 +117,8 @@ async def tls_handshake(
                 data = await loop.sock_recv(sock, _READ)
                 if data:
                     incoming.write(data)
+                    if received is not None:
+                        received.extend(data)
                 else:
                     incoming.write_eof()
                 continue

@@ -2,7 +2,7 @@
 
 A censor can send the same ClientHello to the proxy and to the website the proxy claims to
 be, and compare the two ServerHellos. This module, pure (no I/O), lets the proxy answer as
-the site does (docs/protocol.md §3.7, §8.5):
+the site does (docs/protocol.md §3.7, §3.9):
 
 - :func:`parse_server_hello` reads a site's answer (a ServerHello or a HelloRetryRequest,
   possibly split across records) into a :class:`ServerHello`;

@@ -103,7 +103,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             ntp=SNTPResponder(),
             dns=DNSServer({HOST: [("A", "127.0.0.1"), ("AAAA", "::1")]}),
             echo=EchoServer(),
-            site=TLSSite(site_context(ca, HOST)),
+            # a site that looks like a big one: TLS 1.3, h2, X25519MLKEM768
+            site=TLSSite(site_context(ca, HOST, alpn=("h2", "http/1.1")), post_quantum=True),
             dc=Listener(),
         )
         for server in (world.ntp, world.dns, world.echo, world.site, world.dc):

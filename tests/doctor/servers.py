@@ -5,7 +5,8 @@
 - :class:`DNSServer` (UDP, dnspython): A/AAAA records per name, NXDOMAIN otherwise;
 - :class:`EchoServer` (HTTP or HTTPS): answers ``GET`` with the caller's address;
 - :class:`TLSSite`: a TLS server with a chosen certificate (valid, wrong name,
-  self-signed), answering HTTP requests once TLS is up;
+  self-signed), answering HTTP requests once TLS is up; optionally one that "prefers"
+  X25519MLKEM768 (it answers a HelloRetryRequest for it);
 - :class:`PlainServer`: TCP that is not TLS (sends an HTTP error, or stays silent);
 - :class:`Listener`: accepts TCP connections and holds them (a fake DC for dialling);
 - :class:`Socks5Server`: SOCKS5 CONNECT (optionally with a user name and password),
@@ -24,7 +25,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
@@ -33,6 +34,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import trustme
+
+from tests.support.tlsface import asks_post_quantum, client_hello_info, retry_request
 
 T = TypeVar("T")
 NTP_EPOCH = 2_208_988_800
@@ -247,17 +250,60 @@ class EchoServer(_TCPServer):
 
 
 class TLSSite(_TCPServer):
-    """A TLS server with the certificate ``cert_chain`` (PEM) and ``key`` (PEM)."""
+    """A TLS server with the certificate ``cert_chain`` (PEM) and ``key`` (PEM).
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    ``post_quantum``: a server that prefers X25519MLKEM768. Python's ssl cannot negotiate
+    it, so a front reads each ClientHello first: one that offers the group without its key
+    share gets a HelloRetryRequest naming it (what such a server answers); everything else
+    goes on to the TLS server behind. ``retries`` counts those answers.
+    """
+
+    def __init__(self, context: ssl.SSLContext, *, post_quantum: bool = False) -> None:
         super().__init__()
         self.ssl = context
+        self.post_quantum = post_quantum
+        self.retries = 0
+        self._inner: TLSSite | None = None
+
+    async def start(self) -> int:
+        if not self.post_quantum:
+            return await super().start()
+        self._inner = TLSSite(self.ssl)
+        await self._inner.start()
+        self.server = await asyncio.start_server(self._front, self.host, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _front(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._inner is not None
+        try:
+            first = await reader.read(5)
+            if first[:1] == b"\x16" and len(first) == 5:
+                first += await reader.readexactly(int.from_bytes(first[3:5], "big"))
+                if asks_post_quantum(client_hello_info(first)):
+                    self.retries += 1
+                    writer.write(retry_request(first))
+                    await writer.drain()
+                    await reader.read()
+                    return
+            up_reader, up_writer = await asyncio.open_connection(self.host, self._inner.port)
+            up_writer.write(first)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
+
+    def close(self) -> None:
+        super().close()
+        if self._inner is not None:
+            self._inner.close()
 
 
 class PlainServer(_TCPServer):
@@ -332,11 +378,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 # -- certificates ------------------------------------------------------------------------
 
 
-def site_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
-    """A server context with a certificate for ``names`` issued by ``ca``."""
+def site_context(
+    ca: trustme.CA, *names: str, alpn: Sequence[str] = ("http/1.1",)
+) -> ssl.SSLContext:
+    """A server context with a certificate for ``names`` issued by ``ca``, choosing among
+    ``alpn`` (in its order)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert(*names).configure_cert(context)
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import resource
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.doctor.servers import (
     self_signed_context,
     site_context,
 )
+from tests.doctor.servers import _pipe as pipe
 
 Step = Callable[[Context, Section], Awaitable[None]]
 
@@ -206,15 +208,111 @@ def fronting(world: World, port: int, **overrides: Any) -> dict[str, Any]:
 
 def test_fronting_valid_certificate(world: World) -> None:
     section = section_of(world, checks.check_fronting)
-    [(status, message)] = lines(section)
+    [(status, message), alpn, post_quantum] = lines(section)
     assert status is Status.OK
     assert message.startswith(
-        f"127.0.0.1:{world.site.port} is reachable: TLSv1.3, ALPN http/1.1, certificate for "
+        f"127.0.0.1:{world.site.port} is reachable: TLSv1.3, ALPN h2, certificate for "
         f"{HOST} issued by "
     )
     figures = section.checks[0].figures
-    assert figures["tls_version"] == "TLSv1.3" and figures["alpn"] == "http/1.1"
+    assert figures["tls_version"] == "TLSv1.3" and figures["alpn"] == "h2"
     assert HOST in figures["certificate"]["dns_names"]
+    assert alpn == (
+        Status.OK,
+        f"127.0.0.1:{world.site.port} serves TLS 1.3 with ALPN h2 (HTTP/2), as big sites do",
+    )
+    assert post_quantum == (
+        Status.OK,
+        f"127.0.0.1:{world.site.port} negotiates post-quantum X25519MLKEM768, as big sites do "
+        "(offered without its key share, it asked for it with a HelloRetryRequest)",
+    )
+    assert section.checks[2].figures == {
+        "signal": "post-quantum",
+        "group": "X25519MLKEM768",
+        "negotiates": True,
+        "answer": "hello_retry_request",
+    }
+
+
+def face_of(world: World, site: Any) -> tuple[Section, int]:
+    site = world.start(site)
+    section = section_of(world, checks.check_fronting, fronting(world, site.port))
+    assert section.checks[0].status is Status.OK, lines(section)
+    return section, site.port
+
+
+def test_a_site_without_post_quantum_key_exchange_is_a_warning(world: World) -> None:
+    section, port = face_of(world, TLSSite(site_context(world.ca, HOST, alpn=("h2",))))
+    [_, alpn, (status, message)] = lines(section)
+    assert alpn[0] is Status.OK
+    assert status is Status.WARNING
+    assert message == (
+        f"127.0.0.1:{port} does not negotiate post-quantum X25519MLKEM768: offered first, it "
+        "chose x25519 at once. Censors were reported in June 2026 to use this as a signal: big "
+        "real sites negotiate X25519MLKEM768, and a site that does not looks less like one. "
+        f"Fix: {checks.PQ_FIX}"
+    )
+    figures = section.checks[2].figures
+    assert figures["negotiates"] is False and figures["chosen"] == "x25519"
+    assert not section.passed
+
+
+def test_a_site_without_h2_is_a_warning(world: World) -> None:
+    site = TLSSite(site_context(world.ca, HOST), post_quantum=True)
+    section, port = face_of(world, site)
+    [_, (status, message), post_quantum] = lines(section)
+    assert (status, post_quantum[0]) == (Status.WARNING, Status.OK)
+    assert message.startswith(
+        f"127.0.0.1:{port} serves TLSv1.3 with ALPN http/1.1 to a client that offers h2: big "
+        "sites answer with TLS 1.3 and h2"
+    )
+    assert section.checks[1].figures == {
+        "signal": "alpn",
+        "tls_version": "TLSv1.3",
+        "alpn": "http/1.1",
+        "expected": False,
+    }
+    assert site.retries == 1  # only doctor's post-quantum hello got the retry request
+
+
+def test_a_tls12_site_shows_both_signals(world: World) -> None:
+    context = site_context(world.ca, HOST, alpn=("h2",))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    section, port = face_of(world, TLSSite(context))
+    [_, alpn, post_quantum] = lines(section)
+    assert alpn == (
+        Status.WARNING,
+        f"127.0.0.1:{port} serves TLSv1.2 with ALPN h2 to a client that offers h2: big sites "
+        "answer with TLS 1.3 and h2, so a censor probing this proxy sees a site that looks "
+        "less like one. Pick a fronting domain that serves HTTP/2 over TLS 1.3",
+    )
+    assert post_quantum[0] is Status.WARNING
+    assert "it answers TLS version 0x0303 (not TLS 1.3)" in post_quantum[1]
+
+
+def test_a_site_that_refuses_the_post_quantum_hello(world: World) -> None:
+    """A front that passes TLS clients on but answers doctor's raw hello with an alert."""
+
+    class Refusing(TLSSite):
+        async def _front(self, reader: asyncio.StreamReader, writer: Any) -> None:
+            first = await reader.read(5)
+            rest = await reader.readexactly(int.from_bytes(first[3:5], "big"))
+            if b"\x11\xec" in rest:
+                writer.write(b"\x15\x03\x03\x00\x02\x02\x28")
+                await writer.drain()
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection(self.host, self._inner.port)
+            up_writer.write(first + rest)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    site = Refusing(site_context(world.ca, HOST, alpn=("h2",)), post_quantum=True)
+    section, port = face_of(world, site)
+    assert lines(section)[2] == (
+        Status.WARNING,
+        f"127.0.0.1:{port}: cannot tell whether it negotiates X25519MLKEM768: the site "
+        "answered with TLS alert 40 (level 2)",
+    )
 
 
 def test_fronting_without_the_ca_file_is_a_bad_certificate(world: World) -> None:
@@ -289,7 +387,7 @@ def test_fronting_to_the_proxy_itself_is_a_loop(world: World) -> None:
 def test_fronting_by_host_name_uses_the_configured_resolver(world: World) -> None:
     overrides = {"domain-fronting": {"ip": None, "port": world.site.port}}
     queries = len(world.dns.queries)
-    [(status, _)] = lines(section_of(world, checks.check_fronting, overrides))
+    [(status, _), *_] = lines(section_of(world, checks.check_fronting, overrides))
     assert status is Status.OK
     assert (HOST, "A") in world.dns.queries[queries:]
 

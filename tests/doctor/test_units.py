@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtgworkers.config import format_duration
+from mtgworkers.doctor import faceoff, sntp
 from mtgworkers.doctor import faketls_client as ftc
-from mtgworkers.doctor import sntp
 from mtgworkers.doctor.checks import deprecated_message
 from mtgworkers.doctor.probe import judge, probe_target
 from mtgworkers.doctor.report import Report, Section, Status
@@ -21,6 +21,7 @@ from mtgworkers.doctor.sni import PublicAddresses, family_matches, split_familie
 from mtgworkers.doctor.tlsclient import Observation
 from mtgworkers.protocol import faketls, obfs2
 from mtgworkers.protocol.secret import Secret
+from mtgworkers.protocol.serverhello import ServerHelloError
 
 # -- SNTP ----------------------------------------------------------------------------------
 
@@ -281,3 +282,34 @@ def test_report_text_and_json() -> None:
     only_info = Section("c", "Third")
     only_info.add(Status.INFO, "skipped")
     assert Report([first, only_info]).exit_code == 0
+
+
+# -- the side-by-side ----------------------------------------------------------------------
+
+
+def test_a_face_reads_records_and_extensions() -> None:
+    hello = ftc.build_client_hello(bytes(16), "front.test", time.time())
+    secret = Secret(bytes(16), "front.test")
+    parsed = faketls.read_client_hello(hello.record)
+    assert parsed is not None
+    answer = faketls.build_server_hello(parsed[0], secret.key, noise_len=3000)
+    face = faceoff.face_of(answer)
+    assert face.records == ((0x16, 122), (0x14, 1), (0x17, 3000))
+    assert face.suite == "TLS_AES_128_GCM_SHA256"
+    assert face.extensions == ["supported_versions", "key_share(x25519)"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_a_face_of_any_bytes(data: bytes) -> None:
+    try:
+        faceoff.face_of(b"\x16\x03\x03" + data)
+    except ServerHelloError:
+        pass
+
+
+def test_the_report_has_a_place_for_the_doppelganger() -> None:
+    report = Report([])
+    assert report.to_json()["doppelganger"] is None
+    report.doppelganger = {"k": 0.38}
+    assert json.loads(report.render_json())["doppelganger"] == {"k": 0.38}

@@ -19,6 +19,8 @@ from typing import Any
 
 import trustme
 
+from tests.support.tlsface import asks_post_quantum, client_hello_info, retry_request
+
 HOSTNAME = "fronting.test"
 BODY = b"hello from the fronting website\n"
 
@@ -55,8 +57,17 @@ class Website:
         body: bytes = BODY,
         host: str = "127.0.0.1",
         cert: trustme.LeafCert | None = None,
+        alpn: list[str] | None = None,
+        server_preference: bool = True,
+        post_quantum: bool = False,
     ) -> None:
+        """``alpn``: protocols to choose from (default: no ALPN); ``server_preference``:
+        pick the cipher suite in OpenSSL's order (Python's default) rather than the
+        client's; ``post_quantum``: answer a ClientHello that offers X25519MLKEM768 without
+        its key share with a HelloRetryRequest for it, as a server preferring it does
+        (Python's ssl cannot negotiate it; such a connection then only records)."""
         self.ca = ca
+        self.post_quantum = post_quantum
         self.hostname = hostname
         self.body = body
         self.host = host
@@ -65,6 +76,10 @@ class Website:
         self._cert = cert or ca.issue_cert(hostname)
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._cert.configure_cert(self._ctx)
+        if alpn:
+            self._ctx.set_alpn_protocols(alpn)
+        if not server_preference:
+            self._ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
         self._local = threading.local()
         self._ctx.sni_callback = self._on_sni
         self._lock = threading.Lock()
@@ -178,6 +193,7 @@ class Website:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls: ssl.SSLObject | None = self._ctx.wrap_bio(incoming, outgoing, server_side=True)
         request = bytearray()
+        peek = self.post_quantum
         try:
             while True:
                 data = sock.recv(65536)
@@ -186,6 +202,17 @@ class Website:
                 with self._changed:
                     conn.received += data
                     self._changed.notify_all()
+                if peek:
+                    first = bytes(conn.received)
+                    short = len(first) < 5 or len(first) < 5 + int.from_bytes(first[3:5], "big")
+                    if short and first[:1] == b"\x16":
+                        continue  # the rest of the first record is yet to come
+                    peek = False
+                    if first[:1] == b"\x16" and asks_post_quantum(client_hello_info(first)):
+                        sock.sendall(retry_request(first))
+                        tls = None
+                    else:
+                        data = first
                 if tls is None:
                     continue
                 incoming.write(data)

@@ -406,3 +406,9 @@ def test_the_reader_decodes_once_and_ignores_a_bad_blob(caplog: pytest.LogCaptur
     assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [
         "cannot use the stored server hello shape"
     ]
+
+
+def test_the_shape_fits_the_doppelganger_slot() -> None:
+    from mtgworkers.protocol import serverhello
+
+    assert serverhello.SHAPE_MAX == SharedState.SHAPE_MAX
