@@ -17,11 +17,13 @@ exit code is mtg's: 0 when every check passed, 1 otherwise.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from mtgworkers.defense.doppel import SharedState
 from mtgworkers.doctor.checks import (
     Context,
     check_dc_connectivity,
@@ -34,6 +36,7 @@ from mtgworkers.doctor.checks import (
 from mtgworkers.doctor.probe import check_probe, probe_target
 from mtgworkers.doctor.report import Check, Report, Section, Status
 from mtgworkers.netaddr import join_host_port
+from mtgworkers.proc import segment_files
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -140,7 +143,25 @@ async def run(config: Config, options: Options | None = None) -> Report:
                 f"did not finish within doctor's deadline ({options.deadline:g}s)",
                 seconds=time.monotonic() - started,
             )
-    return Report([section for section, _ in steps])
+    return Report([section for section, _ in steps], doppelganger=running_doppelganger())
+
+
+def running_doppelganger(directory: str | None = None) -> dict[str, Any] | None:
+    """What the doppelganger of the proxies running on this host learned, for ``--json``:
+    ``{"<supervisor pid>": {k, lambda_ms, mean_gap_ms, noise_mean, ...}}``; None when no
+    proxy runs here. A state this user may not read is reported with its error."""
+    found: dict[str, Any] = {}
+    now = time.time()
+    for pid, path in segment_files("doppel", directory):
+        try:
+            with (
+                open(path, "rb") as stream,
+                mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ) as mapped,
+            ):
+                found[str(pid)] = SharedState(mapped).snapshot().as_json(now)
+        except (OSError, ValueError) as exc:
+            found[str(pid)] = {"error": str(exc)}
+    return found or None
 
 
 async def _guarded(step: _Step, ctx: Context, section: Section) -> None:

@@ -102,9 +102,10 @@ class Section:
 class Report:
     """All sections in mtg's order (plus ours).
 
-    ``doppelganger``: what the running proxy's doppelganger learned from the fronting
-    site (``Learned.as_json``), or None while nothing is known; ``--json`` carries it as
-    the top-level ``"doppelganger"`` key.
+    ``doppelganger``: what the doppelganger of each proxy running on this host learned
+    (by supervisor pid: ``Learned.as_json``: k, lambda, mean gap, noise mean and jitter,
+    samples, ages), or None when no proxy runs here; ``--json`` carries it as the
+    top-level ``"doppelganger"`` key.
     """
 
     sections: list[Section] = field(default_factory=list)

@@ -112,7 +112,10 @@ def test_probe_of_a_healthy_proxy(
     assert lines[10][0] == "info" and messages[10].startswith("encrypted handshake: proxy 1 record")
     assert "expected to differ" in messages[10] and len(lines) == 11
     assert code == 0, json.dumps(report, indent=1)
-    assert report["ok"] is True and report["doppelganger"] is None
+    assert report["ok"] is True
+    # the running proxy's learned state (nothing learned yet: mtg's defaults)
+    learned = report["doppelganger"][str(proxy.pid)]
+    assert learned["learned"] is False and learned["k"] == pytest.approx(0.37846373895785335)
     fronting = next(s for s in report["sections"] if s["key"] == "fronting-domain")
     assert [c["figures"].get("signal") for c in fronting["checks"]] == [
         None,

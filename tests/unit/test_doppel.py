@@ -194,3 +194,21 @@ def test_the_shape_slot_stores_an_opaque_blob() -> None:
         state.set_shape(bytes(63), 79.0)
     state.add([1.0] * 10, [], now=80.0)  # the samples do not overwrite the shape
     assert state.shape() == (b"", 78.0)
+
+
+def test_doctor_reads_the_state_of_running_proxies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from mtgworkers.doctor import running_doppelganger
+
+    assert running_doppelganger(str(tmp_path)) is None
+    live = tmp_path / f"mtgworkers-{os.getpid()}-0123456789abcdef-doppel"
+    state_buf = bytearray(SharedState.SIZE)
+    SharedState(state_buf).add([2.0] * 120, [4000, 4000, 4000], now=1.0)
+    live.write_bytes(bytes(state_buf))
+    gone = tmp_path / "mtgworkers-999999999-0123456789abcdef-doppel"  # no such process
+    gone.write_bytes(bytes(state_buf))
+    found = running_doppelganger(str(tmp_path))
+    assert found is not None and list(found) == [str(os.getpid())]
+    assert found[str(os.getpid())]["gap_samples"] == 120
+    assert found[str(os.getpid())]["noise_mean"] == 4000
