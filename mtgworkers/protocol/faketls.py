@@ -454,8 +454,9 @@ def build_server_hello(
 
 
 def records_end(buf: bytes | bytearray | memoryview, start: int) -> int:
-    """The length ``buf`` must reach for the run of whole records from ``start`` to grow by
-    one record: the end of the first incomplete record (or of its header).
+    """The length ``buf`` must reach before the records from ``start`` can say more: the
+    end of the first incomplete record, or one byte more while its header is incomplete
+    (each header byte can decide: a wrong type or version is an error at once).
 
     Lets a reader skip re-parsing an incomplete ClientHello on every small chunk.
     """
@@ -463,7 +464,7 @@ def records_end(buf: bytes | bytearray | memoryview, start: int) -> int:
     n = len(buf)
     while True:
         if n < pos + RECORD_HEADER_LEN:
-            return pos + RECORD_HEADER_LEN
+            return n + 1
         end = pos + RECORD_HEADER_LEN + ((buf[pos + 3] << 8) | buf[pos + 4])
         if n < end:
             return end

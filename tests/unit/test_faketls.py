@@ -976,14 +976,17 @@ def test_fuzz_structured_extensions(names: list[bytes], suites: list[int], raw_e
 
 def test_records_end_points_past_the_first_incomplete_record() -> None:
     two = record(b"a" * 10) + record(b"b" * 3)
-    assert faketls.records_end(b"", 0) == 5
+    # an incomplete header: its next byte (it can be a wrong type or version)
+    assert faketls.records_end(b"", 0) == 1
+    assert faketls.records_end(two[:2], 0) == 3
     assert faketls.records_end(two[:4], 0) == 5
+    # a complete header: the end of its record
     assert faketls.records_end(two[:5], 0) == 15
-    assert faketls.records_end(two[:15], 0) == 20  # first complete: next header
-    assert faketls.records_end(two[:19], 0) == 20  # second header incomplete
+    assert faketls.records_end(two[:15], 0) == 16  # first complete: next header byte
+    assert faketls.records_end(two[:17], 0) == 18  # second header incomplete
     assert faketls.records_end(two[:21], 0) == 23
-    assert faketls.records_end(two, 0) == len(two) + 5
-    assert faketls.records_end(two, 15) == len(two) + 5
+    assert faketls.records_end(two, 0) == len(two) + 1
+    assert faketls.records_end(two, 15) == len(two) + 1
 
 
 @given(st.integers(min_value=0, max_value=0xFFFF))

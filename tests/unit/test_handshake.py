@@ -353,3 +353,18 @@ def test_a_stranger_without_sni_and_a_hello_for_another_host_are_fronted() -> No
     other = build_client_hello(KEY, "elsewhere.test", timestamp=int(NOW))
     front = run(machine(), [other])[1]
     assert isinstance(front, Front) and "cannot find front.test" in front.error
+
+
+def test_a_bad_record_type_after_the_first_hello_record_is_fronted_at_once() -> None:
+    # The first record is complete and its handshake header asks for more records; the
+    # next record starts with a wrong type byte. That byte decides, however the bytes are
+    # cut: the machine must not wait for the rest of a record header it already knows is
+    # not a handshake record's (it did, when the first record came in a read of its own).
+    first = b"\x16\x03\x01\x00\x04" + b"\x01\x00\x10\x00"
+    stream = first + b"\x03\x03"
+    error = "cannot read client hello: unexpected record type 0x3"
+    for chunks in splits(stream):
+        actions = run(machine(), chunks)
+        assert len(actions) == 2, (chunks, actions)
+        assert actions[1] == Front(FrontReason.BAD_HELLO, error, actions[1].data)  # type: ignore[attr-defined]
+        assert stream.startswith(actions[1].data)  # type: ignore[attr-defined]
