@@ -23,6 +23,14 @@ if ! command -v unbound >/dev/null 2>&1 && [ ! -x /usr/sbin/unbound ]; then
   apt_install unbound
 fi
 
+# HAProxy and nginx: the SNI router stack of deploy/sni-router/ runs for real in
+# tests/e2e/test_sni_router.py. Their binaries live in /usr/sbin.
+for program in haproxy nginx; do
+  if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
+    apt_install "$program"
+  fi
+done
+
 # Debian splits venv/pip out of python3.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_install python3-venv python3-pip

@@ -16,6 +16,8 @@ The parts, each in its module:
 - :mod:`~supervisor.exporter.exposition`: the families of a scrape (:class:`Scraper`)
   in the classic text format or OpenMetrics: mtg's names, ``_total`` counters plus mtg's
   bare names as ``untyped`` copies, Go's number format, the pool's metrics.
+- :mod:`~supervisor.exporter.kernel`: the kernel's TCP counters (``/proc/net/netstat``,
+  ``/proc/net/snmp``) and each worker slot's accept queue, read at scrape time.
 - :mod:`~supervisor.exporter.httpd`: the HTTP server (Go ``ServeMux`` paths, HEAD, gzip,
   a cap on concurrent scrapes) and :func:`run_exporter`, the exporter process's body.
 - :mod:`~supervisor.exporter.process`: :class:`Exporter`, the supervisor's handle on the

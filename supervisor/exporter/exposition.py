@@ -25,6 +25,11 @@ worker, labels ``slot`` and ``pid``), ``worker_restarts_total{reason}``,
 :class:`Scraper` puts one scrape together: it drops dead workers' live gauges, sums the
 multiprocess files (:mod:`supervisor.exporter.multiproc`), adds the pool's families and
 renders the result.
+
+Kernel families (same prefix; :mod:`supervisor.exporter.kernel`): the nstat TCP
+counters of the network namespace (``kernel_tcp_listen_drops_total`` …) and each slot's
+accept queue (``listen_queue_length{slot}``, ``listen_queue_backlog{slot}``), read at
+scrape time.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from mtgworkers.stats.prometheus import (
     OUR_METRICS,
     reap_dead_workers,
 )
+from supervisor.exporter.kernel import SlotQueues, kernel_families
 from supervisor.exporter.multiproc import LABEL_CACHE_SIZE, Labels, MultiprocReader
 from supervisor.exporter.pool import (
     RELOAD_RESULTS,
@@ -216,9 +222,10 @@ class Scraper:
         self._reader = MultiprocReader(multiproc_dir)
         self._lock = threading.Lock()
         self._labels: dict[Labels, str] = {}
+        self._slot_queues = SlotQueues()
 
     def families(self) -> list[Family]:
-        """Every family of a scrape (mtg's, then the pool's)."""
+        """Every family of a scrape (mtg's, the pool's, then the kernel's)."""
         with self._lock:
             reaped = reap_dead_workers(self.multiproc_dir)
             if reaped:
@@ -243,6 +250,7 @@ class Scraper:
             elif not series and not spec.labels and spec.kind == "counter":
                 series[()] = 0.0
             families.append(Family(name, spec.kind, spec.help, list(series.items())))
+        snapshot: PoolSnapshot | None = None
         if self.pool_stats_source is not None:
             try:
                 snapshot = self.pool_stats_source()
@@ -251,6 +259,14 @@ class Scraper:
                 snapshot = None
             if snapshot is not None:
                 families += pool_families(prefix, snapshot)
+        workers = [(w.slot, w.pid) for w in snapshot.workers] if snapshot is not None else []
+        try:
+            with self._lock:  # the slot-to-socket cache is shared by concurrent scrapes
+                kernel = kernel_families(prefix, workers, self._slot_queues)
+        except Exception as exc:  # the scrape still serves everything else
+            _log.error("cannot read the kernel's TCP figures", extra={"error": repr(exc)})
+            kernel = []
+        families += [Family(*data) for data in kernel]
         return families
 
     def scrape(self, openmetrics: bool = False) -> tuple[bytes, str]:
