@@ -11,7 +11,6 @@ log lines read the same as mtg's.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -340,11 +339,12 @@ def verify_client_hello(hello: ClientHello, secret: Secret, now: float, toleranc
         raise TLSError(f"cannot find {shown} in [{names}]")
 
     canon = hello.canonical
-    mac = hmac.new(
+    # hmac.digest: OpenSSL's one-shot HMAC, without the hmac.HMAC object (~2 us a call).
+    mac = hmac.digest(
         secret.key,
         b"".join((canon[:RANDOM_OFFSET], _ZERO_RANDOM, canon[RANDOM_OFFSET + RANDOM_LEN :])),
-        hashlib.sha256,
-    ).digest()
+        "sha256",
+    )
     # mac XOR random must be 28 zero bytes + timestamp: compare the 28-byte prefixes directly,
     # in constant time.
     if not hmac.compare_digest(mac[: RANDOM_LEN - 4], hello.random[: RANDOM_LEN - 4]):
@@ -445,7 +445,7 @@ def build_server_hello(
             )
         )
     )
-    digest = hmac.new(key, hello.random + packet, hashlib.sha256).digest()
+    digest = hmac.digest(key, hello.random + packet, "sha256")
     packet[RANDOM_OFFSET : RANDOM_OFFSET + RANDOM_LEN] = digest
     return bytes(packet)
 
