@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -584,6 +586,107 @@ def paced_scenario(ctx: Context, sc: Scenario) -> Result:
 
 
 # -- registry ------------------------------------------------------------------------------------
+# -- idle flood ----------------------------------------------------------------------------------
+def idle_flood_scenario(ctx: Context, sc: Scenario) -> Result:
+    """Handshakes/s of one worker with ``concurrency = flood_limit``, quiet vs. while
+    ``flood_holders`` idle connections are held open (each opened again as soon as the
+    proxy closes it, bench/idleflood.py). The figure is the share of the quiet rate
+    that is kept, in percent (plain rates: the flood's own cost to the proxy counts)."""
+    s = ctx.settings
+    targets = [t for t in ctx.targets if t.key != "baseline"]  # it has no limit to attack
+    job, total, split = handshake_job(ctx)
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    for target in targets:
+        quiet: list[float] = []
+        loud: list[float] = []
+        failed = 0
+        churn: list[float] = []
+        for _ in range(s.repeats):
+            inst = ctx.launch(target, concurrency=s.flood_limit)
+            try:
+                window = measure(ctx, inst, job, total, split)
+                quiet.append(rate_of(job, window))
+                e, w = problems_of(ctx, target, window)
+                errors += e
+                warnings += w
+                with _flooding(ctx, inst.port, s.flood_holders) as flood:
+                    before = flood.counts()
+                    started = time.monotonic()
+                    window = measure(ctx, inst, job, total, split)
+                    after = flood.counts()
+                    churn.append(
+                        (after["closed"] - before["closed"]) / (time.monotonic() - started)
+                    )
+                loud.append(rate_of(job, window))
+                failed += window.failed
+                if window.corrupt or window.dc_errors:
+                    errors += problems_of(ctx, target, window)[0]
+            finally:
+                inst.close()
+        q, f = statistics.median(quiet), statistics.median(loud)
+        results[target.key] = {
+            "label": target.label,
+            "value": _round(f / q * 100 if q else float("nan")),
+            "quiet_hs_per_s": _round(q),
+            "flood_hs_per_s": _round(f),
+            "failed_during_flood": failed,
+            "flood_closed_per_s": _round(statistics.median(churn)),
+            "runs_quiet": [_round(v) for v in quiet],
+            "runs_flood": [_round(v) for v in loud],
+        }
+    out = finish(sc, results, errors, warnings, "value")
+    out["ratio"] = {}
+    out["note"] = (
+        f"concurrency {s.flood_limit}, {s.flood_holders} idle connections reopened at once "
+        f"when closed, {s.hs_slots} handshake slots"
+    )
+    return out
+
+
+class _FloodCounts:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.last: dict[str, int] = {"open": 0, "opened": 0, "closed": 0}
+
+    def counts(self) -> dict[str, int]:
+        """The flood's newest report (it reports once a second)."""
+        while True:
+            try:
+                line = self.channel._lines.get_nowait()
+            except queue.Empty:
+                return self.last
+            if line is None:
+                raise RuntimeError(f"{self.channel.describe()} exited\n{self.channel.tail()}")
+            self.last = line
+
+
+@contextlib.contextmanager
+def _flooding(ctx: Context, port: int, holders: int) -> Any:
+    """Run bench/idleflood.py against ``port`` on the load CPUs until every holder
+    connected at least once."""
+    from bench.common import ChildChannel
+
+    argv = [
+        sys.executable, "-m", "bench.idleflood", "--port", str(port),
+        "--connections", str(holders),
+    ]  # fmt: skip
+    log = ctx.tmp / f"idleflood-{port}.log"
+    channel = ChildChannel("idleflood", argv, log, ctx.load_cpus)
+    flood = _FloodCounts(channel)
+    try:
+        deadline = time.monotonic() + ctx.settings.setup_timeout
+        while flood.last["opened"] < holders:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"idle flood: only {flood.last} after the set-up time")
+            flood.last = channel.recv(deadline - time.monotonic())
+        time.sleep(ctx.settings.warmup)
+        yield flood
+    finally:
+        channel.close()
+
+
 def _idle_small(ctx: Context) -> int:
     return ctx.settings.idle_small
 
@@ -647,6 +750,12 @@ SCENARIOS = [
         better="lower",
     ),
     Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),
+    Scenario(
+        "idle_flood",
+        "handshakes kept during an idle-connection flood",
+        "% kept",
+        idle_flood_scenario,
+    ),
     Scenario(
         "metrics", "metrics on vs off, worst loss", "% loss", metrics_scenario, better="lower"
     ),
