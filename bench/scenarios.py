@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -586,6 +587,115 @@ def paced_scenario(ctx: Context, sc: Scenario) -> Result:
 
 
 # -- registry ------------------------------------------------------------------------------------
+# -- stalled readers -----------------------------------------------------------------------------
+def stalled_scenario(ctx: Context, sc: Scenario) -> Result:
+    """RSS per session of ``stalled`` clients that each ask the fake DC for
+    ``stalled_bytes`` and stop reading once established: what the proxy buffers in user
+    space for a reader that stalls. Also reports the bytes the kernel queues on the
+    proxy's own sockets (``ss``), which RSS does not count."""
+    s = ctx.settings
+    count = s.stalled
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    job = {
+        "kind": "stream",
+        "mode": "source",
+        "stall": True,
+        "source_bytes": s.stalled_bytes,
+        "msg": s.msg,
+        "window": s.window_many,
+        "dcs": list(DC_NUMBERS),
+        # a phone's small receive window, and a gentle start: every stream floods the
+        # proxy's socket buffers before it stalls, which must not delay the next hellos
+        "rcvbuf": 64 * 1024,
+        "open_concurrency": 16,
+    }
+    # mtgworkers twice: as the other scenarios run it, and with its default pacing on
+    runs = [(t, t.key, {}) for t in ctx.targets]
+    runs += [(t, f"{t.key}_paced", {"pacing": True}) for t in ctx.targets if t.key == "proxy"]
+    for target, key, options in runs:
+        fresh = s.fresh_for_memory or bool(options)
+        inst = ctx.launch(target, **options) if fresh else ctx.instance(target)
+        try:
+            # warm-up: code paths and the loop's structures get allocated once
+            ctx.load.start(instance_job(ctx, inst, job), min(16, count), "streams")
+            time.sleep(0.3)
+            ctx.load.stop()
+            time.sleep(0.3)
+            rss0, _, _ = inst.memory()
+            queued0 = _kernel_queued(inst.pid)
+            ctx.dc.reset()
+            ready = ctx.load.start(instance_job(ctx, inst, job), count, "streams")
+            opened = sum(a.get("ok", 0) for a in ready)
+            try:
+                # the buffers fill within moments; wait until RSS stops growing
+                rss1, last = rss0, -1
+                deadline = time.monotonic() + s.stalled_settle
+                while time.monotonic() < deadline and rss1 != last:
+                    last = rss1
+                    time.sleep(0.5)
+                    rss1 = statistics.median(inst.memory()[0] for _ in range(3))
+                queued1 = _kernel_queued(inst.pid)
+                dc = ctx.dc.stats()
+            finally:
+                answers = ctx.load.stop()
+        finally:
+            if fresh:
+                inst.close()
+        window = Window()
+        for answer in answers:
+            window.failed += answer.get("total_failed", 0)
+            window.corrupt += answer.get("total_corrupt", 0)
+            window.samples += answer.get("samples", [])
+        window.dc_errors = dc.get("errors", 0)
+        e, w = problems_of(ctx, target, window)
+        errors += e
+        warnings += w
+        if opened < count:
+            (errors if s.strict_failures else warnings).append(
+                f"{target.label}: only {opened} of {count} stalled sessions opened"
+            )
+        per = max(opened, 1)
+        res: dict[str, Any] = {
+            "label": target.label + (", paced" if options else ""),
+            "value": _round((rss1 - rss0) / per / 1024),
+            "sessions": opened,
+            "rss_before_mb": round(rss0 / 2**20, 1),
+            "rss_after_mb": round(rss1 / 2**20, 1),
+        }
+        if queued0 is not None and queued1 is not None:
+            res["kernel_queued_kb_per_session"] = _round((queued1 - queued0) / per / 1024)
+        results[key] = res
+    paced = results.pop("proxy_paced", None)
+    if paced is not None and "proxy" in results:  # one column per target in the tables
+        results["proxy"]["paced"] = paced
+    out = finish(sc, results, errors, warnings, "value")
+    out["note"] = (
+        f"{count} clients each asking for {s.stalled_bytes // 2**20} MB and reading nothing"
+    )
+    return out
+
+
+def _kernel_queued(root: int) -> int | None:
+    """Bytes in the receive and send queues of every TCP socket of ``root``'s process
+    tree (``ss -tnpH``), or None without ``ss``."""
+    try:
+        pids = {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+        out = subprocess.run(
+            ["ss", "-tnpH"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError, psutil.Error):
+        return None
+    total = 0
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or not any(f"pid={pid}," in line for pid in pids):
+            continue
+        total += int(fields[1]) + int(fields[2])
+    return total
+
+
 # -- idle flood ----------------------------------------------------------------------------------
 def idle_flood_scenario(ctx: Context, sc: Scenario) -> Result:
     """Handshakes/s of one worker with ``concurrency = flood_limit``, quiet vs. while
@@ -750,6 +860,13 @@ SCENARIOS = [
         better="lower",
     ),
     Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),
+    Scenario(
+        "stalled",
+        "RSS per stalled reader (download, client reads nothing)",
+        "KB",
+        stalled_scenario,
+        better="lower",
+    ),
     Scenario(
         "idle_flood",
         "handshakes kept during an idle-connection flood",
