@@ -162,10 +162,10 @@ def _idle_flood(proxy: ProxyProcess, holders: int) -> Iterator[list[int]]:
 def test_clients_get_through_an_idle_flood(
     proxy_factory: ProxyPool, client_factory: ClientFactory
 ) -> None:
-    limit = 8
+    limit = 20
     # two workers: each evicts its own idle sessions, the limit is global
     proxy = proxy_factory({"concurrency": limit, "supervisor": {"workers": 2}})
-    with _idle_flood(proxy, holders=3 * limit) as reopened:
+    with _idle_flood(proxy, holders=limit + limit // 5) as reopened:  # as bench idle_flood
         # the flood fills every place and keeps knocking
         proxy.wait_for_log("Stream has been started", count=limit)
         proxy.wait_for_log("connection was evicted by the concurrency limit", count=limit)
