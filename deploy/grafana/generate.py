@@ -58,10 +58,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, list[tuple[str, str]]]]]] =
                 "Concurrency limited",
                 "timeseries",
                 "short",
-                "Connections per second refused by the concurrency gate, and the client "
-                "connections now (the gate counts these against `concurrency`).",
+                "Connections per second refused by the concurrency gate, idle connections "
+                "evicted to make room (they had not sent a valid ClientHello), and the "
+                "client connections now (the gate counts these against `concurrency`).",
                 [
                     (f"sum(rate(mtg_concurrency_limited_total{INST}[{R}]))", "refused/s"),
+                    (f"sum(rate(mtg_concurrency_evicted_total{INST}[{R}]))", "evicted/s"),
                     (f"sum(mtg_client_connections{INST})", "client connections"),
                 ],
             ),
