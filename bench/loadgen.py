@@ -20,7 +20,9 @@ records. Every byte coming back is decrypted and compared with the pattern.
 Job kinds: ``stream`` (echo / sink / source, a window of 16 KiB messages in flight),
 ``rtt`` (ping-pong of small messages, round trips recorded), ``handshake`` (slots that
 connect, handshake, do one round trip, wait for the close, repeat) and ``idle`` (sessions
-that do one round trip and then stay open).
+that do one round trip and then stay open). A ``source`` stream with ``"stall": true``
+stops reading once it is established and never reads again (``source_bytes``: what it asks
+the fake DC for, 0 = endless).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import json
 import mmap
+import os
 import resource
 import socket
 import sys
@@ -77,7 +80,9 @@ class Job:
         key, host = parse_secret(spec["secret"])
         self.key = key
         self.hmac_key = key if spec.get("verify_hmac", True) else None
-        self.hellos = _HelloFactory(key, host)
+        # ``probe``: what a censor's active probe sends, a well-formed hello for the right
+        # host signed with another key; the proxy fronts it to the website.
+        self.hellos = _HelloFactory(os.urandom(16) if self.kind == "probe" else key, host)
         self.mode = MODES[spec.get("mode", "echo")]
         self.msg = int(spec.get("msg", 16384))
         self.window = int(spec.get("window", 65536))
@@ -90,6 +95,10 @@ class Job:
         self.max_record = int(spec.get("max_record", 16379))
         self.refill = self.kind == "stream" and self.mode != MODE_SOURCE
         self.holding = self.kind == "stream" and self.mode == MODE_SOURCE
+        # source streams that never read again once established (the stalled scenario)
+        self.stall = bool(spec.get("stall", False))
+        self.source_bytes = int(spec.get("source_bytes", 0))  # 0: endless
+        self.rcvbuf = int(spec.get("rcvbuf", 0))  # SO_RCVBUF of the client sockets (0: auto)
         self._dc_i = 0
         self._src_i = 0
         self.running = True
@@ -209,7 +218,10 @@ class Client(asyncio.Protocol):
         if self.state == RUN:
             self._records(data)
         elif self.state == WELCOME:
-            self._welcome(data)
+            if self.job.kind == "probe":
+                self._site_answer(data)
+            else:
+                self._welcome(data)
         elif self.state == DONE and data:
             self._fail("bytes after the expected echo", corrupt=True)
         self.job.publish()
@@ -243,6 +255,23 @@ class Client(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
+    # -- probe --------------------------------------------------------------------------
+    def _site_answer(self, data: bytes) -> None:
+        """A fronted probe: done once the website's ServerHello record is in; then reset
+        (an abort leaves no TIME_WAIT behind on the load side)."""
+        buf = self.wbuf
+        buf += data
+        if len(buf) < 6:
+            return
+        if buf[0] != 0x16 or buf[1] != 3 or buf[5] != 0x02:
+            self._fail(f"fronted probe: no ServerHello, got {bytes(buf[:6]).hex()}", True)
+            return
+        if len(buf) < 5 + ((buf[3] << 8) | buf[4]):
+            return
+        self.job.established += 1
+        self.state = DONE
+        self.transport.abort()
+
     # -- handshake ----------------------------------------------------------------------
     def _welcome(self, data: bytes) -> None:
         buf = self.wbuf
@@ -275,6 +304,8 @@ class Client(asyncio.Protocol):
         mode = job.mode if kind == "stream" else MODE_ECHO
         if mode == MODE_SINK:
             count = max(job.window // 4, 1)  # ack interval
+        elif mode == MODE_SOURCE:
+            count = job.source_bytes
         self.tx_off = len(first)
         payload = obfs.wire + self.enc.update(control_header(mode, self.dc, count) + first)
         self.state = RUN
@@ -443,6 +474,18 @@ async def connect(job: Job, done: asyncio.Future[bool] | None) -> None:
     """Open one client connection (raises OSError when the connect fails)."""
     loop = asyncio.get_running_loop()
     src = job.next_src()
+    if job.rcvbuf:
+        # a small receive buffer, set before the connect (the window scale depends on it)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, job.rcvbuf)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (job.host, job.port))
+            await loop.create_connection(lambda: Client(job, done), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return
     if src is None:
         await loop.create_connection(lambda: Client(job, done), job.host, job.port)
         return
@@ -526,14 +569,14 @@ class Worker:
         job.publish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(spec.get("setup_timeout", 60.0))
-        if job.kind == "handshake":
+        if job.kind in ("handshake", "probe"):
             self.tasks = [
                 asyncio.ensure_future(handshake_slot(job)) for _ in range(int(spec["slots"]))
             ]
             emit({"event": "ready", "ok": 0, "failed": 0})
             return
         ok, failed = await open_sessions(job, int(spec["streams"]), deadline)
-        if job.holding:
+        if job.holding and not job.stall:
             job.holding = False
             for client in job.clients:
                 if client.transport is not None and not client.transport.is_closing():
