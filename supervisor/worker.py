@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -342,6 +343,7 @@ class MemoryTrimmer:
         peak, self.peak = self.peak, now
         rss_before = _rss()
         started = time.perf_counter()
+        gc.collect()  # sessions caught in reference cycles free their buffers first
         self.trim()
         self.trims += 1
         _log.info(
