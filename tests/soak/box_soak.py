@@ -365,7 +365,9 @@ def run(
                 "debug": False,
                 "concurrency": 2 * sessions + 1000,
                 "supervisor": {"workers": workers, "graceful-timeout": "300s"},
-                "dc-overrides": {str(dc): [f"127.0.0.1:{p}"] for dc, p in zip(DCS, dc_ports)},
+                "dc-overrides": {
+                    str(dc): [f"127.0.0.1:{p}"] for dc, p in zip(DCS, dc_ports, strict=True)
+                },
                 "network": {"timeout": {"idle": "10m"}},
             },
         )
@@ -405,7 +407,7 @@ def run(
         def drain_results() -> None:
             while True:
                 try:
-                    kind, proc, counts = results.get_nowait()
+                    _kind, proc, counts = results.get_nowait()
                 except Exception:
                     return
                 progress[proc] = counts
