@@ -180,20 +180,22 @@ class ProxyProcess:
         nofile: int | None = None,
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        code_root: Path | None = None,
     ) -> ProxyProcess:
         """Write the config, start the proxy and wait (bounded) until it listens.
 
         ``nofile`` sets the proxy's RLIMIT_NOFILE, soft and hard (so that it cannot raise
         it); ``env`` adds environment variables; ``wrapper`` is a command that runs the
-        proxy's command line (its arguments follow). Raises RuntimeError with the proxy's
-        output if it exits or does not listen.
+        proxy's command line (its arguments follow); ``code_root`` is the directory the
+        proxy imports ``mtgworkers`` and ``supervisor`` from (default: this checkout).
+        Raises RuntimeError with the proxy's output if it exits or does not listen.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
         environment = {**os.environ, **(env or {})}
         environment["PYTHONUNBUFFERED"] = "1"
         environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), environment.get("PYTHONPATH", "")) if p
+            p for p in (str(code_root or REPO_ROOT), environment.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "mtgworkers", "run", str(self.config_path)],
