@@ -67,7 +67,7 @@ from mtgworkers.config.deprecations import (
     deprecation_message,
 )
 from mtgworkers.config.errors import REDACTED, ConfigError
-from mtgworkers.config.loader import load, parse
+from mtgworkers.config.loader import load, parse, read
 from mtgworkers.config.model import (
     DEFAULT_NTP_SERVERS,
     UNTRUSTED_PROXY_HEADERS,
@@ -173,5 +173,6 @@ __all__ = [
     "parse_proxy_url",
     "parse_tag_format",
     "parse_workers",
+    "read",
     "warnings",
 ]

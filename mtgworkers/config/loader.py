@@ -192,6 +192,14 @@ def load(path: str | os.PathLike[str]) -> Config:
     Relative list-file paths are resolved against the file's directory. Raises ConfigError
     (unreadable file, TOML syntax error, invalid value).
     """
+    data, base_dir = read(path)
+    return parse(data, base_dir=base_dir)
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """Decode a TOML config file without validating it: ``(data, base_dir)`` for
+    :func:`parse` (the supervisor hands both to its workers, which parse them with their
+    own code). Raises ConfigError (unreadable file, TOML syntax error)."""
     try:
         with open(path, "rb") as stream:
             data = tomllib.load(stream)
@@ -201,7 +209,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"cannot parse toml config {os.fspath(path)}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot parse toml config {os.fspath(path)}: {exc}") from None
-    return parse(data, base_dir=os.path.dirname(os.path.abspath(path)))
+    return data, os.path.dirname(os.path.abspath(path))
 
 
 def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:
