@@ -13,11 +13,19 @@ It performs the same exchange as the proxy, minus every cryptographic and parsin
 Flow control is the proxy's: a full write buffer pauses reading on the other side.
 EOF or an error on either side closes both. Run as
 ``python bench/baseline_relay.py --listen 127.0.0.1:PORT --dc 127.0.0.1:DCPORT [...]``.
+
+Usage:
+  baseline_relay.py --listen=HOST:PORT (--dc=HOST:PORT)...
+  baseline_relay.py (-h | --help)
+
+Options:
+  --listen=HOST:PORT  address to accept clients on
+  --dc=HOST:PORT      a fake DC's tls port (repeat for several; dialled round robin)
+  -h --help           show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -26,6 +34,8 @@ import signal
 import socket
 import sys
 from typing import Any
+
+from docopt import DocoptExit, docopt
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -186,7 +196,10 @@ class Relay:
 
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise DocoptExit(f"{text!r} is not HOST:PORT") from None
 
 
 async def serve(listen: tuple[str, int], dcs: list[tuple[str, int]]) -> None:
@@ -206,16 +219,14 @@ async def serve(listen: tuple[str, int], dcs: list[tuple[str, int]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="no-crypto baseline relay for the benchmark")
-    parser.add_argument("--listen", required=True, type=_address, help="HOST:PORT")
-    parser.add_argument("--dc", required=True, action="append", type=_address, help="HOST:PORT")
-    args = parser.parse_args(argv)
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    listen, dcs = _address(opts["--listen"]), [_address(dc) for dc in opts["--dc"]]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     import uvloop
 
-    uvloop.run(serve(args.listen, args.dc))
+    uvloop.run(serve(listen, dcs))
     return 0
 
 

@@ -1,8 +1,8 @@
 """Fake Telegram DC for the benchmark: uvloop, several processes, every byte verified.
 
-Run by the runner as ``python -m bench.fakedc --obfs2-ports P1,P2,.. --tls-ports Q1,..
---secret HEX``; every process listens on all ports with SO_REUSEPORT, so starting more
-processes adds capacity (each process may hold at most ~20k sockets here).
+Started by the runner as ``python -m bench.fakedc --secret HEX --obfs2-ports P1,P2,..``
+``--tls-ports Q1,..``; every process listens on all ports with SO_REUSEPORT, so starting
+more processes adds capacity (each process may hold at most ~20k sockets here).
 
 Two kinds of listener:
 
@@ -17,17 +17,29 @@ After the frame, the first 16 plaintext bytes are a control header (``bench.comm
 echo, sink (verify, ack the verified total) or source (send pattern bytes). Every received
 payload byte is compared with the pattern; any difference aborts the connection and is
 counted. Commands on stdin (JSON lines): ``stats``, ``reset``, ``exit``.
+
+Usage:
+  fakedc.py --secret=HEX [options]
+  fakedc.py (-h | --help)
+
+Options:
+  --secret=HEX          the proxy's ee hex secret
+  --host=HOST           address to listen on [default: 127.0.0.1]
+  --obfs2-ports=PORTS   comma-separated ports the proxy dials (default: none)
+  --tls-ports=PORTS     comma-separated ports behind the baseline relay (default: none)
+  -h --help             show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import resource
 import socket
 import sys
 from typing import Any
+
+from docopt import DocoptExit, docopt
 
 from bench.common import (
     ACK,
@@ -289,14 +301,14 @@ def emit(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(host: str, obfs2_ports: list[int], tls_ports: list[int], secret: str) -> None:
     loop = asyncio.get_running_loop()
-    key, _host = parse_secret(args.secret)
+    key, _host = parse_secret(secret)
     server = Server(key)
     servers = []
-    for ports, tls in ((args.obfs2_ports, False), (args.tls_ports, True)):
+    for ports, tls in ((obfs2_ports, False), (tls_ports, True)):
         for port in ports:
-            sock = reuseport_listener(args.host, port)
+            sock = reuseport_listener(host, port)
             servers.append(
                 await loop.create_server(
                     lambda tls=tls: DCConn(server, tls),  # type: ignore[misc]
@@ -323,21 +335,21 @@ async def serve(args: argparse.Namespace) -> None:
         srv.close()
 
 
-def _ports(text: str) -> list[int]:
-    return [int(p) for p in text.split(",") if p]
+def _ports(opts: dict[str, Any], name: str) -> list[int]:
+    text = opts[name] or ""
+    try:
+        return [int(p) for p in text.split(",") if p]
+    except ValueError:
+        raise DocoptExit(f"{name}: {text!r} is not a comma-separated list of ports") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--obfs2-ports", type=_ports, default=[])
-    parser.add_argument("--tls-ports", type=_ports, default=[])
-    parser.add_argument("--secret", required=True, help="the proxy's ee hex secret")
-    args = parser.parse_args(argv)
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    obfs2_ports, tls_ports = _ports(opts, "--obfs2-ports"), _ports(opts, "--tls-ports")
     raise_nofile()
     import uvloop
 
-    uvloop.run(serve(args))
+    uvloop.run(serve(opts["--host"], obfs2_ports, tls_ports, opts["--secret"]))
     return 0
 
 

@@ -7,17 +7,29 @@ the proxy closes it (the attack of the ``idle_flood`` scenario; also usable by h
 Prints one JSON line per second on stdout, ``{"open": N, "opened": TOTAL, "closed":
 TOTAL}``: connections open now, and totals since the start. Runs until ``--seconds``
 passed (default: forever) or SIGTERM/SIGINT. A failed connect is retried after 10 ms.
+
+Usage:
+  idleflood.py --port=PORT [options]
+  idleflood.py (-h | --help)
+
+Options:
+  --port=PORT      the proxy's port
+  --host=HOST      the proxy's address [default: 127.0.0.1]
+  --connections=N  connections kept open [default: 1200]
+  --seconds=S      stop after this many seconds (default: run until a signal)
+  -h --help        show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import json
 import signal
 import sys
 from typing import Any
+
+from docopt import DocoptExit, docopt
 
 
 class Flood:
@@ -94,15 +106,15 @@ async def run(host: str, port: int, connections: int, seconds: float | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.idleflood", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--connections", type=int, default=1200)
-    parser.add_argument("--seconds", type=float, default=None)
-    args = parser.parse_args(argv)
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    try:
+        port, connections = int(opts["--port"]), int(opts["--connections"])
+        seconds = None if opts["--seconds"] is None else float(opts["--seconds"])
+    except ValueError as exc:
+        raise DocoptExit(f"bad number: {exc}") from None
     import uvloop
 
-    uvloop.run(run(args.host, args.port, args.connections, args.seconds))
+    uvloop.run(run(opts["--host"], port, connections, seconds))
     return 0
 
 

@@ -23,11 +23,18 @@ connect, handshake, do one round trip, wait for the close, repeat) and ``idle`` 
 that do one round trip and then stay open). A ``source`` stream with ``"stall": true``
 stops reading once it is established and never reads again (``source_bytes``: what it asks
 the fake DC for, 0 = endless).
+
+Usage:
+  loadgen.py [--counters=PATH]
+  loadgen.py (-h | --help)
+
+Options:
+  --counters=PATH  file the counters are published to (mmap)
+  -h --help        show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import mmap
@@ -37,6 +44,8 @@ import socket
 import sys
 import time
 from typing import Any
+
+from docopt import docopt
 
 from bench.common import (
     ACK,
@@ -692,15 +701,14 @@ def _report_crash(task: asyncio.Future[Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="benchmark load generator (driven by bench.run)")
-    parser.add_argument("--counters", help="file the counters are published to (mmap)")
-    args = parser.parse_args(argv)
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    counters: str | None = opts["--counters"]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     board = None
-    if args.counters:
-        with open(args.counters, "r+b") as f:
+    if counters:
+        with open(counters, "r+b") as f:
             board = mmap.mmap(f.fileno(), COUNTERS.size)
     import uvloop
 

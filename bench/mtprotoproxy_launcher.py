@@ -13,11 +13,22 @@ its ``main()``. Nothing leaves the machine.
 
 Works with the upstream script of 2020 and later, and with the PyPI release 1.0.6 (2019),
 whose ``asyncio.start_server(loop=...)`` calls are adapted for Python >= 3.10 here.
+
+Usage:
+  mtprotoproxy_launcher.py --port=PORT --dc-port=PORT --secret=HEX [options]
+  mtprotoproxy_launcher.py (-h | --help)
+
+Options:
+  --script=PATH   path of mtprotoproxy.py (default: from PATH)
+  --port=PORT     port mtprotoproxy listens on
+  --dc-port=PORT  port of the fake DC every Telegram DC is pointed at
+  --secret=HEX    the benchmark's ee hex secret
+  --workers=N     mtprotoproxy worker processes [default: 1]
+  -h --help       show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import importlib.util
@@ -28,6 +39,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from docopt import DocoptExit, docopt
 
 
 def _drop_loop_argument(func: Any) -> Any:
@@ -94,18 +107,20 @@ def write_config(directory: Path, port: int, key_hex: str, host: str, workers: i
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--script", help="path of mtprotoproxy.py (default: from PATH)")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--dc-port", type=int, required=True)
-    parser.add_argument("--secret", required=True, help="the benchmark's ee hex secret")
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
+def _int(opts: dict[str, Any], name: str) -> int:
+    try:
+        return int(opts[name])
+    except ValueError:
+        raise DocoptExit(f"{name}: {opts[name]!r} is not an integer") from None
 
-    raw = bytes.fromhex(args.secret)
+
+def main(argv: list[str] | None = None) -> int:
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    port, dc_port, workers = (_int(opts, name) for name in ("--port", "--dc-port", "--workers"))
+
+    raw = bytes.fromhex(opts["--secret"])
     key_hex, host = raw[1:17].hex(), raw[17:].decode()
-    script = find_script(args.script)
+    script = find_script(opts["--script"])
     spec = importlib.util.spec_from_file_location("mtprotoproxy", script)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {script}")
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     module.TG_DATACENTERS_V4 = ["127.0.0.1"] * 5
     module.TG_DATACENTERS_V6 = ["::1"] * 5
-    module.TG_DATACENTER_PORT = args.dc_port
+    module.TG_DATACENTER_PORT = dc_port
 
     def loopback_ip_info() -> None:
         module.my_ip_info = {"ipv4": "127.0.0.1", "ipv6": None}
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.start_unix_server = _drop_loop_argument(asyncio.start_unix_server)
 
     workdir = Path(tempfile.mkdtemp(prefix="mtprotoproxy-bench-"))
-    config = write_config(workdir, args.port, key_hex, host, args.workers)
+    config = write_config(workdir, port, key_hex, host, workers)
     sys.argv = [str(script), str(config)]
     sys.path.insert(0, str(workdir))
     if "init_config()" in inspect.getsource(module.main):

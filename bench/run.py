@@ -1,19 +1,46 @@
 """Benchmark runner: ``python -m bench run`` (or ``python bench/run.py run``).
 
+Usage:
+  bench [run | smoke | list] [options]
+  bench (-h | --help)
+
 Commands:
-  run     every scenario at full scale; writes bench/results/latest.json, the tables in
-          bench/README.md and bench/results/latest.png
+  run     every scenario at full scale (the default); writes bench/results/latest.json,
+          the tables in bench/README.md and bench/results/latest.png
   smoke   every scenario at tiny scale (about 15 s); exit code 1 if a byte was wrong or a
           scenario crashed; writes nothing in the repository
   list    the scenario names
 
-Each scenario prints one JSON line and one markdown table row to stdout; progress goes to
-stderr. See bench/README.md for the method and for ``--compare``.
+Options:
+  --scenarios=NAMES      comma-separated scenario names (default: all)
+  --compare=COMMAND      also measure this proxy command; placeholders {config} {port}
+                         {dc_port} {dc_ports} {secret} {host} {python} {workers}
+                         {metrics_port} (and BENCH_* env vars)
+  --compare-label=NAME   name of --compare in tables [default: compare]
+  --no-proxy             skip mtgworkers (compare only)
+  --duration=SECONDS     seconds per measurement window (default: 5)
+  --warmup=SECONDS       seconds of load before each window (default: 1)
+  --repeats=N            alternating runs per target, the median is kept (default: 2)
+  --max-workers=N        worker pool size for max_sessions (default: 6)
+  --max-sessions=N       session cap for max_sessions (default: 54000)
+  --load-procs=N         load generator processes (default: 2)
+  --dc-procs=N           fake DC processes (default: 2)
+  --proxy-cpus=CPUS      CPU list for the proxy, e.g. 0 or 0-1,3 (default: first CPU)
+  --load-cpus=CPUS       CPU list for load + fake DC (default: the others)
+  --python=PATH          interpreter for the proxy (default: the one running this)
+  --no-readme            do not touch bench/README.md
+  --out=PATH             results JSON (default: bench/results/latest.json)
+  --keep-tmp             keep configs and logs
+  -h --help              show this help
+
+The numeric defaults above are those of run; smoke has its own tiny preset, and an option
+given overrides either. Each scenario prints one JSON line and one markdown table row to
+stdout; progress goes to stderr. See bench/README.md for the method and for ``--compare``.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -24,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from docopt import DocoptExit, docopt
 
 if __package__ in (None, ""):  # ``python bench/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,34 +66,64 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "bench" / "README.md"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """The command line, parsed and typed (``None``: not given, the preset applies)."""
+
+    command: str
+    scenarios: str | None
+    compare: str | None
+    compare_label: str
+    no_proxy: bool
+    duration: float | None
+    warmup: float | None
+    repeats: int | None
+    max_workers: int | None
+    max_sessions: int | None
+    load_procs: int | None
+    dc_procs: int | None
+    proxy_cpus: str | None
+    load_cpus: str | None
+    python: str
+    no_readme: bool
+    out: Path | None
+    keep_tmp: bool
+
+
+def _number(opts: dict[str, Any], name: str, kind: type[int] | type[float]) -> Any:
+    text = opts[name]
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise DocoptExit(f"{name}: {text!r} is not {what}") from None
+
+
+def parse_args(argv: list[str] | None) -> Args:
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    command = "smoke" if opts["smoke"] else "list" if opts["list"] else "run"
+    return Args(
+        command=command,
+        scenarios=opts["--scenarios"],
+        compare=opts["--compare"],
+        compare_label=opts["--compare-label"],
+        no_proxy=bool(opts["--no-proxy"]),
+        duration=_number(opts, "--duration", float),
+        warmup=_number(opts, "--warmup", float),
+        repeats=_number(opts, "--repeats", int),
+        max_workers=_number(opts, "--max-workers", int),
+        max_sessions=_number(opts, "--max-sessions", int),
+        load_procs=_number(opts, "--load-procs", int),
+        dc_procs=_number(opts, "--dc-procs", int),
+        proxy_cpus=opts["--proxy-cpus"],
+        load_cpus=opts["--load-cpus"],
+        python=opts["--python"] or sys.executable,
+        no_readme=bool(opts["--no-readme"]),
+        out=Path(opts["--out"]) if opts["--out"] is not None else None,
+        keep_tmp=bool(opts["--keep-tmp"]),
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "smoke", "list"))
-    parser.add_argument("--scenarios", help="comma-separated scenario names (default: all)")
-    parser.add_argument(
-        "--compare",
-        metavar="COMMAND",
-        help="also measure this proxy command; placeholders {config} {port} {dc_port} "
-        "{dc_ports} {secret} {host} {python} {workers} {metrics_port} (and BENCH_* env vars)",
-    )
-    parser.add_argument("--compare-label", default="compare", help="name of --compare in tables")
-    parser.add_argument("--no-proxy", action="store_true", help="skip mtgworkers (compare only)")
-    parser.add_argument("--duration", type=float, help="seconds per measurement window")
-    parser.add_argument("--warmup", type=float, help="seconds of load before each window")
-    parser.add_argument("--repeats", type=int, help="alternating runs per target (median kept)")
-    parser.add_argument("--max-workers", type=int, help="worker pool size for max_sessions")
-    parser.add_argument("--max-sessions", type=int, help="session cap for max_sessions")
-    parser.add_argument("--load-procs", type=int, help="load generator processes")
-    parser.add_argument("--dc-procs", type=int, help="fake DC processes")
-    parser.add_argument("--proxy-cpus", help="CPU list for the proxy (default: first CPU)")
-    parser.add_argument("--load-cpus", help="CPU list for load + fake DC (default: the others)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for the proxy")
-    parser.add_argument("--no-readme", action="store_true", help="do not touch bench/README.md")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/latest.json)")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
-    return parser.parse_args(argv)
 
 
 def _cpus(text: str | None) -> list[int] | None:
@@ -80,7 +139,7 @@ def _cpus(text: str | None) -> list[int] | None:
     return out
 
 
-def choose_cpus(args: argparse.Namespace) -> tuple[list[int] | None, list[int] | None]:
+def choose_cpus(args: Args) -> tuple[list[int] | None, list[int] | None]:
     """Proxy on one core, everything else on the rest (no pinning on a 1-CPU machine)."""
     proxy, load = _cpus(args.proxy_cpus), _cpus(args.load_cpus)
     available = sorted(os.sched_getaffinity(0))
@@ -93,7 +152,7 @@ def choose_cpus(args: argparse.Namespace) -> tuple[list[int] | None, list[int] |
     return proxy, load
 
 
-def settings_for(args: argparse.Namespace) -> Settings:
+def settings_for(args: Args) -> Settings:
     settings = Settings.smoke() if args.command == "smoke" else Settings()
     for name in ("duration", "warmup", "repeats", "load_procs", "dc_procs", "max_workers"):
         value = getattr(args, name)
@@ -105,7 +164,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def targets_for(args: argparse.Namespace) -> list[Target]:
+def targets_for(args: Args) -> list[Target]:
     targets: list[Target] = []
     if not args.no_proxy:
         targets.append(MtgTarget(args.python))
@@ -233,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict) -> None:
+def write_outputs(args: Args, results: list[dict[str, Any]], meta: dict) -> None:
     out = args.out or RESULTS_DIR / "latest.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "scenarios": results, "targets": report.target_rows(results)}

@@ -6,11 +6,18 @@ nothing else: the probes reset after its ServerHello. It runs on the load CPUs, 
 its handshakes cost the proxy nothing; the proxy only relays its bytes.
 
     python bench/tlssite.py --listen 127.0.0.1:PORT
+
+Usage:
+  tlssite.py --listen=HOST:PORT
+  tlssite.py (-h | --help)
+
+Options:
+  --listen=HOST:PORT  address to serve TLS on
+  -h --help           show this help
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import signal
@@ -24,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from docopt import DocoptExit, docopt
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -82,10 +90,10 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="local TLS site for fronted probes")
-    parser.add_argument("--listen", required=True, help="HOST:PORT")
-    args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
+    opts = docopt(str(__doc__), argv=sys.argv[1:] if argv is None else list(argv))
+    host, _, port = opts["--listen"].rpartition(":")
+    if not port.isdigit():
+        raise DocoptExit(f"--listen: {opts['--listen']!r} is not HOST:PORT")
     import uvloop
 
     uvloop.run(serve(host, int(port)))

@@ -25,6 +25,22 @@ runs out of ephemeral ports; the load runs in ``--load-procs`` processes (uvloop
 fake DC in ``--dc-procs`` (SO_REUSEPORT). Every process stays below RLIMIT_NOFILE: a worker
 needs two descriptors per session, so ``--sessions`` / ``--workers`` must stay below half
 of it (``ulimit -n``).
+
+Usage:
+  box_soak (soak | peak) [options]
+  box_soak (-h | --help)
+
+Options:
+  --sessions=N          concurrent (soak) or idle (peak) sessions [default: 30000]
+  --workers=N           proxy workers [default: 2]
+  --minutes=M           soak: how long the load runs [default: 10.0]
+  --reload-every=S      soak: seconds between reloads (SIGHUP) [default: 60.0]
+  --interval=S          soak: seconds between echoes of a session [default: 20.0]
+  --load-procs=N        load processes [default: 4]
+  --dc-procs=N          fake DC processes [default: 2]
+  --settle=S            peak: seconds after the close before the last sample [default: 15.0]
+  --no-trim             peak: run the workers with MTGWORKERS_MALLOC_TRIM=0
+  -h --help             show this help
 """
 
 from __future__ import annotations
@@ -559,34 +575,31 @@ def _collect(results: Any, progress: dict[int, dict[str, Any]], procs: int) -> d
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from docopt import DocoptExit, docopt
 
-    parser = argparse.ArgumentParser(prog="python -m tests.soak.box_soak")
-    parser.add_argument("mode", choices=("soak", "peak"))
-    parser.add_argument("--sessions", type=int, default=30000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--reload-every", type=float, default=60.0)
-    parser.add_argument("--interval", type=float, default=20.0, help="seconds between echoes")
-    parser.add_argument("--load-procs", type=int, default=4)
-    parser.add_argument("--dc-procs", type=int, default=2)
-    parser.add_argument("--settle", type=float, default=15.0)
-    parser.add_argument("--no-trim", action="store_true")
-    args = parser.parse_args(argv)
+    opts = docopt(str(__doc__), argv=argv)
+    mode = "soak" if opts["soak"] else "peak"
+    try:
+        ints = {n: int(opts[f"--{n}"]) for n in ("sessions", "workers", "load-procs", "dc-procs")}
+        floats = {
+            n: float(opts[f"--{n}"]) for n in ("minutes", "reload-every", "interval", "settle")
+        }
+    except ValueError as exc:
+        raise DocoptExit(f"bad number: {exc}") from None
     result = run(
-        args.mode,
-        sessions=args.sessions,
-        workers=args.workers,
-        minutes=args.minutes,
-        reload_every=args.reload_every,
-        interval=args.interval,
-        load_procs=args.load_procs,
-        dc_procs=args.dc_procs,
-        settle=args.settle,
-        trim=not args.no_trim,
+        mode,
+        sessions=ints["sessions"],
+        workers=ints["workers"],
+        minutes=floats["minutes"],
+        reload_every=floats["reload-every"],
+        interval=floats["interval"],
+        load_procs=ints["load-procs"],
+        dc_procs=ints["dc-procs"],
+        settle=floats["settle"],
+        trim=not opts["--no-trim"],
     )
     print(json.dumps(result, indent=1))
-    if args.mode == "peak":
+    if mode == "peak":
         return 0 if result["failed"] == 0 and result["mismatches"] == 0 else 1
     totals = result["totals"]
     good = (
