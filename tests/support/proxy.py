@@ -223,7 +223,33 @@ class ProxyProcess:
                 self.kill()
                 raise RuntimeError(f"proxy did not listen within {timeout} s\n{self.output()}")
             time.sleep(0.02)
+        self._await_first_workers(deadline)
         return self
+
+    def _await_first_workers(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for every worker of the first generation to be ready.
+
+        The supervisor listens before its workers, which are fresh interpreters and take a
+        few hundred milliseconds to boot: a test that measures the proxy (descriptors,
+        memory) or counts on every worker must not start while one is still importing.
+        A proxy whose workers cannot boot (some tests want that) is returned all the same
+        once the deadline passes.
+        """
+
+        def ready(records: list[LogRecord]) -> bool:
+            wanted = next(
+                (r.get("workers") for r in records if r.get("message") == "supervisor started"),
+                None,
+            )
+            booted = sum(1 for r in records if r.get("message") == "worker is ready")
+            return isinstance(wanted, int) and booted >= wanted
+
+        with self._cond:
+            while not ready(self.logs) and self.proc is not None and self.proc.poll() is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, 0.1))
 
     def stop(self, timeout: float = 10.0, *, check: bool = True) -> int | None:
         """SIGTERM, wait; with ``check`` assert a 0 exit code. Returns the exit code."""
