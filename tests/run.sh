@@ -14,39 +14,36 @@ apt_install() {
   $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
-# promtool (Debian package "prometheus") checks the exporter's output format.
-if ! command -v promtool >/dev/null 2>&1; then apt_install prometheus; fi
-
-# unbound (built with libnghttp2, as Debian's is) is the real DNS-over-HTTPS server the
-# DoH client is tested against; its binary lives in /usr/sbin.
-if ! command -v unbound >/dev/null 2>&1 && [ ! -x /usr/sbin/unbound ]; then
-  apt_install unbound
-fi
-
-# HAProxy and nginx: the SNI router stack of deploy/sni-router/ runs for real in
-# tests/e2e/test_sni_router.py. Their binaries live in /usr/sbin.
-for program in haproxy nginx; do
-  if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
-    apt_install "$program"
-  fi
-done
-
-# Podman (with runc) and debootstrap: tests/deploy/test_container.py builds the image of
-# deploy/container/ from a local debootstrapped base and runs it. MTGW_SKIP_CONTAINER_BUILD=1
-# skips that test (about 3 minutes the first time) and these packages.
+# The real servers and tools the tests run, collected first and installed in one go
+# (one package-index update instead of one per package):
+# - promtool and prometheus (package "prometheus"): the exporter's output format, the
+#   alert rules, and a real Prometheus scraping a running proxy;
+# - unbound (built with libnghttp2, as Debian's is): the real DNS-over-HTTPS server the
+#   DoH client is tested against;
+# - haproxy and nginx: the SNI router stack of deploy/sni-router/ in
+#   tests/e2e/test_sni_router.py;
+# - podman, runc and debootstrap: tests/deploy/test_container.py builds the image of
+#   deploy/container/ from a local debootstrapped base and runs it
+#   (MTGW_SKIP_CONTAINER_BUILD=1 skips that test, about 3 minutes the first time, and
+#   these packages).
+missing=()
+need() {  # need PROGRAM PACKAGE: PACKAGE unless PROGRAM is on PATH or in /usr/sbin
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$1" ]; then missing+=("$2"); fi
+}
+need promtool prometheus
+need unbound unbound
+need haproxy haproxy
+need nginx nginx
 if [ "${MTGW_SKIP_CONTAINER_BUILD:-}" != 1 ]; then
-  for program in podman runc debootstrap; do
-    if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
-      apt_install podman runc debootstrap
-      break
-    fi
-  done
+  need podman podman
+  need runc runc
+  need debootstrap debootstrap
 fi
-
-# Debian splits venv/pip out of python3.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-  apt_install python3-venv python3-pip
+  missing+=(python3-venv python3-pip)  # Debian splits venv/pip out of python3
 fi
+if ! command -v ip >/dev/null 2>&1; then missing+=(iproute2); fi
+if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
@@ -62,7 +59,6 @@ python3 -m venv .venv
 
 # Everything else runs in a new network namespace that has only a loopback interface, so
 # no test can reach anything but 127.0.0.0/8 and ::1 (an address outside fails at once).
-if ! command -v ip >/dev/null 2>&1; then apt_install iproute2; fi
 # -m "" clears the default marker filter of pyproject.toml: the soak and benchmark smoke
 # tests run here too (a later -m among the extra arguments still wins).
 PYTEST=(.venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy -m "" "$@")
