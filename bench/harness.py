@@ -72,6 +72,11 @@ class Settings:
     max_sessions_cap: int = 54000
     max_sessions_step: int = 6000
     max_sessions_time: float = 240.0
+    stalled: int = 200  # stalled: clients that stop reading
+    stalled_bytes: int = 64 * 2**20  # stalled: what each asks the fake DC for
+    stalled_settle: float = 10.0  # stalled: longest wait for the buffers to fill
+    flood_limit: int = 1000  # idle_flood: concurrency
+    flood_holders: int = 1200  # idle_flood: idle connections held open
     pool_workers: int = 2
     reload_every: float = 0.5
     load_procs: int = 2
@@ -101,6 +106,10 @@ class Settings:
             max_sessions_cap=300,
             max_sessions_step=150,
             max_sessions_time=10.0,
+            stalled=8,
+            stalled_settle=1.0,
+            flood_limit=40,
+            flood_holders=60,
             load_procs=2,
             dc_procs=1,
             setup_timeout=10.0,
@@ -219,7 +228,7 @@ def mtg_config(ctx: Context, port: int, options: dict[str, Any], *, ours: bool =
     lines = [
         f'secret = "{ctx.secret}"',
         f'bind-to = "127.0.0.1:{port}"',
-        "concurrency = 65535",
+        f"concurrency = {int(options.get('concurrency') or 65535)}",
         'public-ipv4 = "127.0.0.1"',
         "",
         "[network.timeout]",

@@ -20,7 +20,9 @@ records. Every byte coming back is decrypted and compared with the pattern.
 Job kinds: ``stream`` (echo / sink / source, a window of 16 KiB messages in flight),
 ``rtt`` (ping-pong of small messages, round trips recorded), ``handshake`` (slots that
 connect, handshake, do one round trip, wait for the close, repeat) and ``idle`` (sessions
-that do one round trip and then stay open).
+that do one round trip and then stay open). A ``source`` stream with ``"stall": true``
+stops reading once it is established and never reads again (``source_bytes``: what it asks
+the fake DC for, 0 = endless).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class Job:
         self.max_record = int(spec.get("max_record", 16379))
         self.refill = self.kind == "stream" and self.mode != MODE_SOURCE
         self.holding = self.kind == "stream" and self.mode == MODE_SOURCE
+        # source streams that never read again once established (the stalled scenario)
+        self.stall = bool(spec.get("stall", False))
+        self.source_bytes = int(spec.get("source_bytes", 0))  # 0: endless
+        self.rcvbuf = int(spec.get("rcvbuf", 0))  # SO_RCVBUF of the client sockets (0: auto)
         self._dc_i = 0
         self._src_i = 0
         self.running = True
@@ -275,6 +281,8 @@ class Client(asyncio.Protocol):
         mode = job.mode if kind == "stream" else MODE_ECHO
         if mode == MODE_SINK:
             count = max(job.window // 4, 1)  # ack interval
+        elif mode == MODE_SOURCE:
+            count = job.source_bytes
         self.tx_off = len(first)
         payload = obfs.wire + self.enc.update(control_header(mode, self.dc, count) + first)
         self.state = RUN
@@ -443,6 +451,18 @@ async def connect(job: Job, done: asyncio.Future[bool] | None) -> None:
     """Open one client connection (raises OSError when the connect fails)."""
     loop = asyncio.get_running_loop()
     src = job.next_src()
+    if job.rcvbuf:
+        # a small receive buffer, set before the connect (the window scale depends on it)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, job.rcvbuf)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (job.host, job.port))
+            await loop.create_connection(lambda: Client(job, done), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return
     if src is None:
         await loop.create_connection(lambda: Client(job, done), job.host, job.port)
         return
@@ -533,7 +553,7 @@ class Worker:
             emit({"event": "ready", "ok": 0, "failed": 0})
             return
         ok, failed = await open_sessions(job, int(spec["streams"]), deadline)
-        if job.holding:
+        if job.holding and not job.stall:
             job.holding = False
             for client in job.clients:
                 if client.transport is not None and not client.transport.is_closing():

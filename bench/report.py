@@ -75,6 +75,18 @@ def _note(result: Result, key: str) -> str:
             f"{res.get('workers')} workers, {_num(res.get('kb_per_session'))} KB and "
             f"{_num(res.get('fds_per_session'))} fds/session, stopped by {res.get('stopped_by')}"
         )
+    if name == "stalled" and res:
+        parts = []
+        if "paced" in res:
+            parts.append(f"paced: {_num(res['paced'].get('value'))} KB")
+        if "kernel_queued_kb_per_session" in res:
+            parts.append(f"kernel queues {_num(res['kernel_queued_kb_per_session'])} KB")
+        return ", ".join(parts) + f" per session, {res.get('sessions')} sessions"
+    if name == "idle_flood" and res:
+        return (
+            f"{_num(res.get('quiet_hs_per_s'))} → {_num(res.get('flood_hs_per_s'))} "
+            f"handshakes/s, flood closed {_num(res.get('flood_closed_per_s'))}/s"
+        )
     if name in ("metrics", "workers", "reload") and res:
         parts = []
         for sub, data in res.items():

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -584,6 +587,216 @@ def paced_scenario(ctx: Context, sc: Scenario) -> Result:
 
 
 # -- registry ------------------------------------------------------------------------------------
+# -- stalled readers -----------------------------------------------------------------------------
+def stalled_scenario(ctx: Context, sc: Scenario) -> Result:
+    """RSS per session of ``stalled`` clients that each ask the fake DC for
+    ``stalled_bytes`` and stop reading once established: what the proxy buffers in user
+    space for a reader that stalls. Also reports the bytes the kernel queues on the
+    proxy's own sockets (``ss``), which RSS does not count."""
+    s = ctx.settings
+    count = s.stalled
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    job = {
+        "kind": "stream",
+        "mode": "source",
+        "stall": True,
+        "source_bytes": s.stalled_bytes,
+        "msg": s.msg,
+        "window": s.window_many,
+        "dcs": list(DC_NUMBERS),
+        # a phone's small receive window, and a gentle start: every stream floods the
+        # proxy's socket buffers before it stalls, which must not delay the next hellos
+        "rcvbuf": 64 * 1024,
+        "open_concurrency": 16,
+    }
+    # mtgworkers twice: as the other scenarios run it, and with its default pacing on
+    runs = [(t, t.key, {}) for t in ctx.targets]
+    runs += [(t, f"{t.key}_paced", {"pacing": True}) for t in ctx.targets if t.key == "proxy"]
+    for target, key, options in runs:
+        fresh = s.fresh_for_memory or bool(options)
+        inst = ctx.launch(target, **options) if fresh else ctx.instance(target)
+        try:
+            # warm-up: code paths and the loop's structures get allocated once
+            ctx.load.start(instance_job(ctx, inst, job), min(16, count), "streams")
+            time.sleep(0.3)
+            ctx.load.stop()
+            time.sleep(0.3)
+            rss0, _, _ = inst.memory()
+            queued0 = _kernel_queued(inst.pid)
+            ctx.dc.reset()
+            ready = ctx.load.start(instance_job(ctx, inst, job), count, "streams")
+            opened = sum(a.get("ok", 0) for a in ready)
+            try:
+                # the buffers fill within moments; wait until RSS stops growing
+                rss1, last = rss0, -1
+                deadline = time.monotonic() + s.stalled_settle
+                while time.monotonic() < deadline and rss1 != last:
+                    last = rss1
+                    time.sleep(0.5)
+                    rss1 = statistics.median(inst.memory()[0] for _ in range(3))
+                queued1 = _kernel_queued(inst.pid)
+                dc = ctx.dc.stats()
+            finally:
+                answers = ctx.load.stop()
+        finally:
+            if fresh:
+                inst.close()
+        window = Window()
+        for answer in answers:
+            window.failed += answer.get("total_failed", 0)
+            window.corrupt += answer.get("total_corrupt", 0)
+            window.samples += answer.get("samples", [])
+        window.dc_errors = dc.get("errors", 0)
+        e, w = problems_of(ctx, target, window)
+        errors += e
+        warnings += w
+        if opened < count:
+            (errors if s.strict_failures else warnings).append(
+                f"{target.label}: only {opened} of {count} stalled sessions opened"
+            )
+        per = max(opened, 1)
+        res: dict[str, Any] = {
+            "label": target.label + (", paced" if options else ""),
+            "value": _round((rss1 - rss0) / per / 1024),
+            "sessions": opened,
+            "rss_before_mb": round(rss0 / 2**20, 1),
+            "rss_after_mb": round(rss1 / 2**20, 1),
+        }
+        if queued0 is not None and queued1 is not None:
+            res["kernel_queued_kb_per_session"] = _round((queued1 - queued0) / per / 1024)
+        results[key] = res
+    paced = results.pop("proxy_paced", None)
+    if paced is not None and "proxy" in results:  # one column per target in the tables
+        results["proxy"]["paced"] = paced
+    out = finish(sc, results, errors, warnings, "value")
+    out["note"] = (
+        f"{count} clients each asking for {s.stalled_bytes // 2**20} MB and reading nothing"
+    )
+    return out
+
+
+def _kernel_queued(root: int) -> int | None:
+    """Bytes in the receive and send queues of every TCP socket of ``root``'s process
+    tree (``ss -tnpH``), or None without ``ss``."""
+    try:
+        pids = {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+        out = subprocess.run(
+            ["ss", "-tnpH"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError, psutil.Error):
+        return None
+    total = 0
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or not any(f"pid={pid}," in line for pid in pids):
+            continue
+        total += int(fields[1]) + int(fields[2])
+    return total
+
+
+# -- idle flood ----------------------------------------------------------------------------------
+def idle_flood_scenario(ctx: Context, sc: Scenario) -> Result:
+    """Handshakes/s of one worker with ``concurrency = flood_limit``, quiet vs. while
+    ``flood_holders`` idle connections are held open (each opened again as soon as the
+    proxy closes it, bench/idleflood.py). The figure is the share of the quiet rate
+    that is kept, in percent (plain rates: the flood's own cost to the proxy counts)."""
+    s = ctx.settings
+    targets = [t for t in ctx.targets if t.key != "baseline"]  # it has no limit to attack
+    job, total, split = handshake_job(ctx)
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    for target in targets:
+        quiet: list[float] = []
+        loud: list[float] = []
+        failed = 0
+        churn: list[float] = []
+        for _ in range(s.repeats):
+            inst = ctx.launch(target, concurrency=s.flood_limit)
+            try:
+                window = measure(ctx, inst, job, total, split)
+                quiet.append(rate_of(job, window))
+                e, w = problems_of(ctx, target, window)
+                errors += e
+                warnings += w
+                with _flooding(ctx, inst.port, s.flood_holders) as flood:
+                    before = flood.counts()
+                    started = time.monotonic()
+                    window = measure(ctx, inst, job, total, split)
+                    after = flood.counts()
+                    churn.append(
+                        (after["closed"] - before["closed"]) / (time.monotonic() - started)
+                    )
+                loud.append(rate_of(job, window))
+                failed += window.failed
+                if window.corrupt or window.dc_errors:
+                    errors += problems_of(ctx, target, window)[0]
+            finally:
+                inst.close()
+        q, f = statistics.median(quiet), statistics.median(loud)
+        results[target.key] = {
+            "label": target.label,
+            "value": _round(f / q * 100 if q else float("nan")),
+            "quiet_hs_per_s": _round(q),
+            "flood_hs_per_s": _round(f),
+            "failed_during_flood": failed,
+            "flood_closed_per_s": _round(statistics.median(churn)),
+            "runs_quiet": [_round(v) for v in quiet],
+            "runs_flood": [_round(v) for v in loud],
+        }
+    out = finish(sc, results, errors, warnings, "value")
+    out["ratio"] = {}
+    out["note"] = (
+        f"concurrency {s.flood_limit}, {s.flood_holders} idle connections reopened at once "
+        f"when closed, {s.hs_slots} handshake slots"
+    )
+    return out
+
+
+class _FloodCounts:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.last: dict[str, int] = {"open": 0, "opened": 0, "closed": 0}
+
+    def counts(self) -> dict[str, int]:
+        """The flood's newest report (it reports once a second)."""
+        while True:
+            try:
+                line = self.channel._lines.get_nowait()
+            except queue.Empty:
+                return self.last
+            if line is None:
+                raise RuntimeError(f"{self.channel.describe()} exited\n{self.channel.tail()}")
+            self.last = line
+
+
+@contextlib.contextmanager
+def _flooding(ctx: Context, port: int, holders: int) -> Any:
+    """Run bench/idleflood.py against ``port`` on the load CPUs until every holder
+    connected at least once."""
+    from bench.common import ChildChannel
+
+    argv = [
+        sys.executable, "-m", "bench.idleflood", "--port", str(port),
+        "--connections", str(holders),
+    ]  # fmt: skip
+    log = ctx.tmp / f"idleflood-{port}.log"
+    channel = ChildChannel("idleflood", argv, log, ctx.load_cpus)
+    flood = _FloodCounts(channel)
+    try:
+        deadline = time.monotonic() + ctx.settings.setup_timeout
+        while flood.last["opened"] < holders:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"idle flood: only {flood.last} after the set-up time")
+            flood.last = channel.recv(deadline - time.monotonic())
+        time.sleep(ctx.settings.warmup)
+        yield flood
+    finally:
+        channel.close()
+
+
 def _idle_small(ctx: Context) -> int:
     return ctx.settings.idle_small
 
@@ -647,6 +860,19 @@ SCENARIOS = [
         better="lower",
     ),
     Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),
+    Scenario(
+        "stalled",
+        "RSS per stalled reader (download, client reads nothing)",
+        "KB",
+        stalled_scenario,
+        better="lower",
+    ),
+    Scenario(
+        "idle_flood",
+        "handshakes kept during an idle-connection flood",
+        "% kept",
+        idle_flood_scenario,
+    ),
     Scenario(
         "metrics", "metrics on vs off, worst loss", "% loss", metrics_scenario, better="lower"
     ),

@@ -57,7 +57,14 @@ class EventFinish:
 
 @dataclass(frozen=True, slots=True)
 class EventConcurrencyLimited:
-    """A connection was closed at once because ``concurrency`` sessions were running."""
+    """A connection was closed at once because ``concurrency`` sessions were running and
+    none of this worker's could be evicted."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventConcurrencyEvicted:
+    """``concurrency`` sessions were running: the worker's oldest session without a valid
+    ClientHello was closed to admit a new connection (ours, not mtg's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +117,7 @@ Event = (
     | EventTraffic
     | EventFinish
     | EventConcurrencyLimited
+    | EventConcurrencyEvicted
     | EventIPBlocklisted
     | EventReplayAttack
     | EventIPListSize

@@ -12,7 +12,14 @@ and flushed to the event stream in batches by the session itself.
 Flow control: when a transport's write buffer passes its high-water mark the event loop
 calls ``pause_writing`` on that transport's protocol, which pauses *reading* on the peer
 transport; ``resume_writing`` resumes it. Memory per session is therefore bounded by the
-transports' write-buffer limits, whatever the speed of either end.
+transports' write-buffer limits plus what one read can add on top, whatever the speed of
+either end. Sides are ``BufferedProtocol``s so that a read is at most :data:`READ_CHUNK`
+bytes (uvloop's own reads are up to 256 KiB): a reader that stalls costs at most
+``WRITE_BUFFER_HIGH + READ_CHUNK`` (and its TLS headers) in its transport's buffer,
+``PACED_PENDING_HIGH`` more with pacing. Every side of the process reads into one shared
+buffer, :data:`_READ_BUFFER`: the loop fills it and calls ``buffer_updated`` right away,
+and the side has transformed (or copied) the bytes before it returns, so nothing points
+into the buffer by the next read. One event loop per process, as the worker runs.
 
 Ending: EOF or an error on either side ends the whole session (mtg closes both sockets
 when one direction ends). We never forward a half-close with ``write_eof()``: uvloop has
@@ -42,10 +49,14 @@ if TYPE_CHECKING:
 
     from mtgworkers.pacing import Pacer
 
-# Transport write-buffer limits. High enough for a full-speed 16 KiB chunk pipeline, low
-# enough that 10k slow readers cannot take more than ~2.5 GiB together.
-WRITE_BUFFER_HIGH = 256 * 1024
-WRITE_BUFFER_LOW = 64 * 1024
+# Transport write-buffer limits. User space only holds what the kernel's socket buffer
+# (autotuned, megabytes on a fast path) did not take, so a small mark costs no throughput;
+# a reader that stalls costs at most HIGH + one READ_CHUNK here (bench: ``stalled``).
+WRITE_BUFFER_HIGH = 32 * 1024
+WRITE_BUFFER_LOW = 8 * 1024
+# The most one read takes from a socket.
+READ_CHUNK = 64 * 1024
+_READ_BUFFER = memoryview(bytearray(READ_CHUNK))
 
 
 class SessionHooks(Protocol):
@@ -60,11 +71,12 @@ class SessionHooks(Protocol):
     def side_failed(self, side: Side, reason: str) -> None: ...
 
 
-class Side(asyncio.Protocol):
+class Side(asyncio.BufferedProtocol):
     """One end of a relay: reads its own transport, writes to ``peer``.
 
     ``upstream`` is True for the Telegram/fronting end; it decides which traffic counter
-    the bytes go to and which direction label a log line gets.
+    the bytes go to and which direction label a log line gets. Reads land in the shared
+    :data:`_READ_BUFFER`; subclasses handle ``buffer_updated(n)`` (the first ``n`` bytes).
     """
 
     __slots__ = ("peer", "session", "transport", "upstream")
@@ -80,6 +92,9 @@ class Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
 
     def eof_received(self) -> bool:
         # False: let the transport close itself; the session then closes the peer after
@@ -107,15 +122,16 @@ class RawSide(Side):
 
     __slots__ = ()
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
         session = self.session
         session.touched = True
         if self.upstream:
-            session.bytes_to_client += len(data)
+            session.bytes_to_client += nbytes
         else:
-            session.bytes_from_client += len(data)
+            session.bytes_from_client += nbytes
         try:
-            self.peer.write(data)  # type: ignore[union-attr]
+            # a copy: a transport may keep what it cannot send at once
+            self.peer.write(_READ_BUFFER[:nbytes].tobytes())  # type: ignore[union-attr]
         except RuntimeError:  # the peer's handle closed in this loop iteration
             session.side_failed(self, "peer connection is closed")
 
@@ -138,9 +154,9 @@ class ClientSide(Side):
         self.decrypt = decrypt  # client -> proxy obfuscated2 stream
         self.encrypt = encrypt  # proxy -> DC obfuscated2 stream
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            payloads = self.reader.feed(data)
+            payloads = self.reader.feed(_READ_BUFFER[:nbytes])
         except TLSError as exc:
             self.session.side_failed(self, f"cannot read tls record: {exc}")
             return
@@ -170,15 +186,15 @@ class TelegramSide(Side):
         self,
         session: SessionHooks,
         peer: asyncio.Transport | None,
-        decrypt: Callable[[bytes], bytes],
+        decrypt: Callable[[Any], bytes],
         encrypt: Callable[[bytes], bytes],
     ) -> None:
         super().__init__(session, peer, upstream=True)
         self.decrypt = decrypt  # DC -> proxy obfuscated2 stream
         self.encrypt = encrypt  # proxy -> client obfuscated2 stream
 
-    def data_received(self, data: bytes) -> None:
-        out = self.encrypt(self.decrypt(data))
+    def buffer_updated(self, nbytes: int) -> None:
+        out = self.encrypt(self.decrypt(_READ_BUFFER[:nbytes]))
         size = len(out)
         session = self.session
         session.touched = True
@@ -239,14 +255,14 @@ class DRSTelegramSide(TelegramSide):
         self,
         session: SessionHooks,
         peer: asyncio.Transport | None,
-        decrypt: Callable[[bytes], bytes],
+        decrypt: Callable[[Any], bytes],
         encrypt: Callable[[bytes], bytes],
     ) -> None:
         super().__init__(session, peer, decrypt, encrypt)
         self.sizes = RecordSizes(drs=True)
 
-    def data_received(self, data: bytes) -> None:
-        out = self.encrypt(self.decrypt(data))
+    def buffer_updated(self, nbytes: int) -> None:
+        out = self.encrypt(self.decrypt(_READ_BUFFER[:nbytes]))
         size = len(out)
         session = self.session
         session.touched = True
@@ -268,9 +284,11 @@ class DRSTelegramSide(TelegramSide):
 
 
 # What a paced side holds back from the DC before it stops reading it: a few records'
-# worth at ~2.4 MB/s, so a stalled or slow client costs little memory.
-PACED_PENDING_HIGH = 64 * 1024
-PACED_PENDING_LOW = 16 * 1024
+# worth at ~2.4 MB/s, so a stalled or slow client costs little memory. Its reads take at
+# most what fits below the mark (and at least PACED_MIN_READ).
+PACED_PENDING_HIGH = 32 * 1024
+PACED_PENDING_LOW = 8 * 1024
+PACED_MIN_READ = 16 * 1024
 
 
 class PacedTelegramSide(TelegramSide):
@@ -291,7 +309,7 @@ class PacedTelegramSide(TelegramSide):
         self,
         session: SessionHooks,
         peer: asyncio.Transport | None,
-        decrypt: Callable[[bytes], bytes],
+        decrypt: Callable[[Any], bytes],
         encrypt: Callable[[bytes], bytes],
         *,
         pacer: Pacer,
@@ -308,8 +326,14 @@ class PacedTelegramSide(TelegramSide):
         super().connection_made(transport)
         self.pacer.after(self, self.pacer.delay())  # mtg: the first record waits too
 
-    def data_received(self, data: bytes) -> None:
-        out = self.encrypt(self.decrypt(data))
+    def get_buffer(self, sizehint: int) -> memoryview:
+        room = PACED_PENDING_HIGH - len(self.pending)
+        if room >= READ_CHUNK:
+            return _READ_BUFFER
+        return _READ_BUFFER[: max(room, PACED_MIN_READ)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        out = self.encrypt(self.decrypt(_READ_BUFFER[:nbytes]))
         session = self.session
         session.touched = True
         session.bytes_to_client += len(out)

@@ -4,7 +4,8 @@ Everything here is per process and built from the frozen :class:`~mtgworkers.con
 no module-level state, so the supervisor can run N of these. The pieces that must be
 shared between workers are injected: the anti-replay filter works over any buffer (a
 ``bytearray`` here, shared memory under the supervisor) and the concurrency limiter is an
-object with ``try_acquire``/``release``.
+object with ``try_acquire``/``release`` (:class:`~mtgworkers.admission.Limiter`), wrapped
+in the worker's :class:`~mtgworkers.admission.Admission`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from mtgworkers import events
+from mtgworkers.admission import Admission, Limiter
 from mtgworkers.dcs import DCTable
 from mtgworkers.defense.antireplay import NoopFilter, StableBloomFilter
 from mtgworkers.defense.doppel import NoiseParams, SharedState, noise_length
@@ -58,14 +60,6 @@ LISTEN_BACKLOG = 4096
 
 class StartupError(Exception):
     """The worker cannot start; the message says why and what to change."""
-
-
-class Limiter(Protocol):
-    """Concurrency gate: ``concurrency`` sessions at most, no queueing."""
-
-    def try_acquire(self) -> bool: ...
-
-    def release(self) -> None: ...
 
 
 class LocalLimiter:
@@ -260,6 +254,8 @@ class Worker:
         self.replay_filter = replay_filter
         self.limiter = limiter
         self.events = events
+        # the gate sessions go through: evicts this worker's idle handshakes when full
+        self.admission = Admission(limiter, events, loop.time)
         # every live client connection, from connection_made to its end (admitted or not)
         self.sessions: set[ClientSession] = set()
         self.accept_guard = AcceptGuard(loop, self.events, self.sessions)
@@ -581,6 +577,7 @@ class Worker:
                 session.tick(now, idle, linger, flush)
             except Exception as exc:  # a session bug must never stop the sweeper
                 _log.error("session tick failed", extra={"error": repr(exc)}, exc_info=exc)
+        self.admission.tick(now)
         if now - self._learned_at >= 1.0:
             self._refresh_learned()
         self._sweeper = loop.call_later(self._tick, self._sweep)

@@ -4,7 +4,8 @@ This is the only place where a client session is put together; the layers it com
 (the handshake machine, dialer, relay) know nothing about each other. The order of
 operations and the failure routing follow mtg (see docs/protocol.md §0):
 
-    accept -> [PROXY header] -> allowlist/blocklist -> concurrency gate -> ClientHello
+    accept -> [PROXY header] -> allowlist/blocklist -> concurrency gate (evicts the oldest
+      connection without a valid ClientHello when full) -> ClientHello
       -> anti-replay -> ServerHello -> obfuscated2 frame -> dial DC -> relay
     any ClientHello failure or a replayed hello -> domain fronting (replay the bytes read)
 
@@ -179,6 +180,7 @@ class ClientSession(asyncio.Protocol):
                 return
             kind = type(action)
             if kind is Reply:
+                self.worker.admission.proven(self)  # a valid hello: never evicted
                 if action.without_sni:  # type: ignore[union-attr]
                     self.worker.events.send(events.EventHelloWithoutSNI(self.stream_id))
                     if _log.isEnabledFor(logging.DEBUG):
@@ -206,10 +208,9 @@ class ClientSession(asyncio.Protocol):
         if reason is not None:
             self.close()
             return
-        if not worker.limiter.try_acquire():
+        if not worker.admission.acquire(self):
             if _log.isEnabledFor(logging.INFO):
                 _log.info("connection was concurrency limited", extra={"ip": ip})
-            worker.events.send(events.EventConcurrencyLimited())
             self.close()
             return
         self.started = True
@@ -238,6 +239,7 @@ class ClientSession(asyncio.Protocol):
 
     def _front(self, action: Front) -> None:
         self.machine = None  # done: its buffers go with it
+        self.worker.admission.proven(self)  # talks to the website from now on
         if action.reason is FrontReason.REPLAY:
             _log.warning(action.reason.value)
             self.worker.events.send(events.EventReplayAttack(self.stream_id))
@@ -543,11 +545,26 @@ class ClientSession(asyncio.Protocol):
         worker.finished(self)
         if not self.started:
             return
-        worker.limiter.release()
+        worker.admission.release(self)
         self.flush_traffic()
         worker.events.send(events.EventFinish(self.stream_id))
         if _log.isEnabledFor(logging.INFO):
             _log.info("Stream has been finished", extra=self._fields())
+
+    def evict(self) -> bool:
+        """The concurrency limit is reached and this admitted session, still without a
+        valid ClientHello, is its worker's oldest: close it to make room (a FIN, as a web
+        server closes idle connections when it runs out of them). False when the
+        handshake is over already (see mtgworkers.admission)."""
+        if self.state != HANDSHAKE:
+            return False
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "connection was evicted by the concurrency limit",
+                extra={"ip": self.client_addr[0]},
+            )
+        self.close()
+        return True
 
     def shutdown(self) -> None:
         """Worker shutdown: cut the session now."""

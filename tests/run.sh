@@ -31,6 +31,18 @@ for program in haproxy nginx; do
   fi
 done
 
+# Podman (with runc) and debootstrap: tests/deploy/test_container.py builds the image of
+# deploy/container/ from a local debootstrapped base and runs it. MTGW_SKIP_CONTAINER_BUILD=1
+# skips that test (about 3 minutes the first time) and these packages.
+if [ "${MTGW_SKIP_CONTAINER_BUILD:-}" != 1 ]; then
+  for program in podman runc debootstrap; do
+    if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
+      apt_install podman runc debootstrap
+      break
+    fi
+  done
+fi
+
 # Debian splits venv/pip out of python3.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_install python3-venv python3-pip
@@ -44,7 +56,8 @@ python3 -m venv .venv
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 
-# The installer test needs the package registry (it installs into a fresh venv).
+# The installer and container tests need the package registry (they install into a fresh
+# venv, and into the image).
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/deploy
 
 # Everything else runs in a new network namespace that has only a loopback interface, so

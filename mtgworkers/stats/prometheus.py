@@ -193,8 +193,16 @@ HELLOS_WITHOUT_SNI = MetricSpec(
     "Valid client hellos without a server_name extension (Telegram iOS), served.",
 )
 
+CONCURRENCY_EVICTED = MetricSpec(
+    "concurrency_evicted",
+    "counter",
+    (),
+    "Connections without a valid client hello yet that were closed to admit a new one "
+    "while the concurrency limit was reached.",
+)
+
 # Metrics of ours, not mtg's: served under their Prometheus names only.
-OUR_METRICS: Final = (ACCEPT_REFUSED, HELLOS_WITHOUT_SNI)
+OUR_METRICS: Final = (ACCEPT_REFUSED, HELLOS_WITHOUT_SNI, CONCURRENCY_EVICTED)
 
 TO_CLIENT = "to_client"  # bytes read from Telegram / the fronting host
 FROM_CLIENT = "from_client"  # bytes written to them
@@ -397,6 +405,7 @@ class PrometheusObserver:
             self._concurrency_limited = self._value(CONCURRENCY_LIMITED)
             self._replay_attacks = self._value(REPLAY_ATTACKS)
             self._hellos_without_sni = self._value(HELLOS_WITHOUT_SNI)
+            self._concurrency_evicted = self._value(CONCURRENCY_EVICTED)
         except BaseException:
             self._value_class.close_all_files()
             os.close(self._lock_fd)
@@ -409,6 +418,7 @@ class PrometheusObserver:
             events.EventTraffic: self._on_traffic,
             events.EventFinish: self._on_finish,
             events.EventConcurrencyLimited: self._on_concurrency_limited,
+            events.EventConcurrencyEvicted: self._on_concurrency_evicted,
             events.EventIPBlocklisted: self._on_ip_blocklisted,
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
@@ -561,6 +571,9 @@ class PrometheusObserver:
 
     def _on_concurrency_limited(self, event: events.EventConcurrencyLimited) -> None:
         self._add(self._concurrency_limited, 1)
+
+    def _on_concurrency_evicted(self, event: events.EventConcurrencyEvicted) -> None:
+        self._add(self._concurrency_evicted, 1)
 
     def _on_ip_blocklisted(self, event: events.EventIPBlocklisted) -> None:
         value = self._ip_blocklisted.get(event.is_blocklist)

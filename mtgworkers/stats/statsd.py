@@ -10,8 +10,9 @@ Line shapes (docs/mtg-compat.md c.3; the prefix is prepended verbatim, so the de
 
 Connection gauges are sent as deltas (``+1|g`` / ``-1|g``), ``iplist_size`` as an
 absolute gauge, everything else as counters (traffic with the byte count); besides mtg's
-metrics, ``accept_refused`` (tagged ``reason``, see :mod:`mtgworkers.fdguard`) and
-``client_hellos_without_sni`` are ours.
+metrics, ``accept_refused`` (tagged ``reason``, see :mod:`mtgworkers.fdguard`),
+``client_hellos_without_sni`` and ``concurrency_evicted`` (see :mod:`mtgworkers.admission`)
+are ours.
 Every line ends with ``\\n``; lines are packed into datagrams of at most 1432 bytes, and a
 partly filled datagram is sent at the latest 100 ms after its first line (a timer on the
 worker's loop). Each worker sends its own lines: statsd sums deltas and counters from all
@@ -133,6 +134,7 @@ class StatsdObserver:
             events.EventTraffic: self._on_traffic,
             events.EventFinish: self._on_finish,
             events.EventConcurrencyLimited: self._on_concurrency_limited,
+            events.EventConcurrencyEvicted: self._on_concurrency_evicted,
             events.EventIPBlocklisted: self._on_ip_blocklisted,
             events.EventReplayAttack: self._on_replay_attack,
             events.EventIPListSize: self._on_iplist_size,
@@ -260,6 +262,10 @@ class StatsdObserver:
 
     def _on_concurrency_limited(self, event: events.EventConcurrencyLimited) -> None:
         self._emit("concurrency_limited", "1", "c")
+
+    def _on_concurrency_evicted(self, event: events.EventConcurrencyEvicted) -> None:
+        # ours, not mtg's
+        self._emit("concurrency_evicted", "1", "c", self._tags())
 
     def _on_ip_blocklisted(self, event: events.EventIPBlocklisted) -> None:
         ip_list = "blocklist" if event.is_blocklist else "allowlist"

@@ -19,7 +19,6 @@ it any more once the process was reaped.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -257,40 +256,51 @@ class Exporter:
             self.pool.reload_finished(succeeded)
 
 
+_USAGE = """The metrics exporter process (python -m supervisor.exporter), started by the supervisor.
+
+Usage:
+  supervisor.exporter --listen-fd=FD --multiproc-dir=DIR [options]
+
+Options:
+  --listen-fd=FD        the bound, listening socket to serve on
+  --multiproc-dir=DIR   prometheus-client's multiprocess directory
+  --http-path=PATH      where the metrics are served [default: /]
+  --metric-prefix=P     prefix of every metric name [default: mtg]
+  --parent-pid=PID      exit when this process (the supervisor) dies
+  --scoreboard=PATH     the pool's scoreboard segment
+  --pool=PATH           the pool's shared-state segment
+  --debug               log at debug level
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the exporter process (``python -m supervisor.exporter``)."""
-    parser = argparse.ArgumentParser(prog="python -m supervisor.exporter")
-    parser.add_argument("--listen-fd", type=int, required=True)
-    parser.add_argument("--http-path", default="/")
-    parser.add_argument("--metric-prefix", default="mtg")
-    parser.add_argument("--multiproc-dir", required=True)
-    parser.add_argument("--parent-pid", type=int)
-    parser.add_argument("--scoreboard")
-    parser.add_argument("--pool")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
+    from docopt import docopt
+
+    opts = docopt(_USAGE, argv=list(sys.argv[1:] if argv is None else argv))
+    parent_pid = None if opts["--parent-pid"] is None else int(opts["--parent-pid"])
 
     from mtgworkers import logs
 
-    logs.setup(args.debug)
-    if args.parent_pid is not None:
+    logs.setup(bool(opts["--debug"]))
+    if parent_pid is not None:
         from supervisor.worker import set_parent_death_signal
 
         set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != args.parent_pid:  # it died before prctl() took effect
+        if os.getppid() != parent_pid:  # it died before prctl() took effect
             return 0
-    sock = socket.socket(fileno=args.listen_fd)
+    sock = socket.socket(fileno=int(opts["--listen-fd"]))
     source: PoolStatsSource | None = None
     try:
-        if args.scoreboard or args.pool:
-            source = SharedPoolStats.attach(args.scoreboard, args.pool)
+        if opts["--scoreboard"] or opts["--pool"]:
+            source = SharedPoolStats.attach(opts["--scoreboard"], opts["--pool"])
         run_exporter(
             sock,
-            args.http_path,
-            args.metric_prefix,
-            args.multiproc_dir,
+            opts["--http-path"],
+            opts["--metric-prefix"],
+            opts["--multiproc-dir"],
             source,
-            parent_pid=args.parent_pid,
+            parent_pid=parent_pid,
         )
     except Exception as exc:
         _log.error("metrics exporter failed", extra={"error": repr(exc)}, exc_info=exc)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.client import run_concurrently
+from tests.support.client import build_layout_hello, run_concurrently
 from tests.support.env import SharedEnv
 from tests.support.wire import PATTERN, TAGS
 
@@ -131,6 +131,28 @@ def test_grease_hello_and_no_client_ccs(shared_env: SharedEnv) -> None:
         client.send_obfs2_frame(2, "dd", ccs=False)
         client.send(b"x" * 100)
         assert client.recv_exactly(100) == b"x" * 100
+
+
+@pytest.mark.parametrize(
+    ("layout", "with_sni"), [("chrome", True), ("android", True), ("android", False)]
+)
+def test_large_2026_hellos_in_two_tcp_segments(
+    shared_env: SharedEnv, layout: str, with_sni: bool
+) -> None:
+    # ~1.75 KB hellos with an X25519MLKEM768 share (Chrome's also with ECH GREASE), cut
+    # where a 1,460-byte MSS cuts them on the Internet.
+    sni = shared_env.secret.host if with_sni else None
+    with shared_env.client(sni=sni) as client:
+        raw = build_layout_hello(client.secret_key, sni, layout)
+        client.hello = raw
+        client.send_raw(raw[:1460])
+        # Nothing to await: the pause only keeps the two writes in separate segments.
+        time.sleep(0.02)
+        client.send_raw(raw[1460:])
+        client.read_server_hello()
+        client.send_obfs2_frame(2, "dd")
+        client.send(b"ping" * 100)
+        assert client.recv_exactly(400) == b"ping" * 100
 
 
 def test_many_concurrent_sessions(shared_env: SharedEnv) -> None:

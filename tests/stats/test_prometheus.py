@@ -126,6 +126,22 @@ def test_accept_refusals_are_our_counter_with_every_reason(metrics_dir: str) -> 
     assert "# TYPE mtg_accept_refused untyped" not in lines
 
 
+def test_evictions_are_our_counter_from_zero(metrics_dir: str) -> None:
+    observer = PrometheusObserver("mtg", 0, metrics_dir)
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    assert "mtg_concurrency_evicted_total 0" in text.splitlines()
+    observer(ev.EventConcurrencyEvicted())
+    observer(ev.EventConcurrencyEvicted())
+    observer.flush()
+    text = render_text(Scraper(metrics_dir, "mtg").families()).decode()
+    observer.close()
+    lines = text.splitlines()
+    assert "# TYPE mtg_concurrency_evicted_total counter" in lines
+    assert "mtg_concurrency_evicted_total 2" in lines
+    assert "mtg_concurrency_limited_total 0" in lines  # an eviction is no refusal
+    assert not [line for line in lines if line.startswith("mtg_concurrency_evicted ")]
+
+
 def test_finish_undoes_exactly_what_the_stream_counted(metrics_dir: str) -> None:
     observer = PrometheusObserver("mtg", 0, metrics_dir)
     observer(ev.EventStart("a", "10.0.0.7"))

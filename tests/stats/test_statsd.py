@@ -205,6 +205,14 @@ def test_hellos_without_sni_are_a_plain_counter(listener: Listener) -> None:
     assert listener.lines() == ["mtg.client_hellos_without_sni:1|c"]
 
 
+def test_evictions_are_a_plain_counter(listener: Listener) -> None:
+    observer = StatsdObserver("127.0.0.1", listener.port, "mtg.", "datadog")
+    observer(ev.EventConcurrencyEvicted())
+    observer.close()
+    listener.drain()
+    assert listener.lines() == ["mtg.concurrency_evicted:1|c"]
+
+
 def test_configured_prefix_is_prepended_verbatim(listener: Listener) -> None:
     # mtg quirk: metric-prefix = "mtg" gives "mtgclient_connections".
     observer = StatsdObserver("127.0.0.1", listener.port, "mtg", "datadog")

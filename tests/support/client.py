@@ -147,16 +147,122 @@ def build_client_hello(
     missing = HELLO_HANDSHAKE_LEN - 4 - len(body_with(bytes(exts))) - 4
     if missing >= 0:
         exts += _ext(0x0015, bytes(missing))
-    body = body_with(bytes(exts))
+    return _signed_hello_record(body_with(bytes(exts)), secret_key, timestamp)
+
+
+def _signed_hello_record(body: bytes, secret_key: bytes, timestamp: int) -> bytes:
+    """Wrap a ClientHello body (zero random) in a record and sign its random, FakeTLS-style."""
     handshake = b"\x01" + len(body).to_bytes(3, "big") + body
     record = bytearray(b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake)
-
     mac = hmac.new(secret_key, bytes(record), sha256).digest()
     mask = bytes(28) + (timestamp & 0xFFFFFFFF).to_bytes(4, "little")
     record[RANDOM_OFFSET : RANDOM_OFFSET + 32] = bytes(
         a ^ b for a, b in zip(mac, mask, strict=True)
     )
     return bytes(record)
+
+
+X25519MLKEM768 = 0x11EC
+MLKEM768_ENCAPSULATION_KEY = 1184  # FIPS 203; the hybrid share is this plus 32 of X25519
+
+
+def build_layout_hello(
+    secret_key: bytes,
+    sni: str | None,
+    layout: str,
+    *,
+    timestamp: int | None = None,
+) -> bytes:
+    """A FakeTLS-signed ClientHello laid out as a 2026 client sends it.
+
+    ``layout`` is one of:
+
+    - ``"chrome"``: Chrome 131+ on desktop: GREASE suite, groups, versions and two GREASE
+      extensions; an X25519MLKEM768 hybrid key share (1216 bytes) next to an x25519 one;
+      compress_certificate, application_settings and an encrypted_client_hello GREASE
+      extension (outer type, HPKE suite, config id, a 32-byte enc and a 208-byte payload)
+      as draft-ietf-tls-esni-22 §6.2 prescribes for clients without an ECH config; no
+      padding, since the hello is already past 512 bytes.
+    - ``"android"``: Telegram Android's hello with a post-quantum share: the classic
+      TDLib layout padded to a 512-byte handshake, with the hybrid share on top.
+
+    Both come to 1.7-1.9 KB, so they cross a 1,460-byte TCP segment: tests send them
+    in two pieces. ``sni`` None leaves out server_name.
+    """
+    if layout not in ("chrome", "android"):
+        raise ValueError(f"unknown hello layout {layout!r}")
+    if timestamp is None:
+        timestamp = int(time.time())
+    hybrid = os.urandom(MLKEM768_ENCAPSULATION_KEY) + x25519_public_key()
+    x25519 = x25519_public_key()
+    chrome = layout == "chrome"
+
+    exts: list[bytes] = []
+    if chrome:
+        exts.append(_ext(0x2A2A, b""))  # leading GREASE extension
+    if sni is not None:
+        raw = sni.encode()
+        entry = b"\x00" + len(raw).to_bytes(2, "big") + raw
+        exts.append(_ext(0x0000, len(entry).to_bytes(2, "big") + entry))
+    exts.append(_ext(0x0017, b""))  # extended_master_secret
+    exts.append(_ext(0xFF01, b"\x00"))  # renegotiation_info
+    groups = [0x8A8A] if chrome else []
+    exts.append(_ext(0x000A, _u16_list([*groups, X25519MLKEM768, 0x001D, 0x0017, 0x0018])))
+    exts.append(_ext(0x000B, b"\x01\x00"))  # ec_point_formats
+    exts.append(_ext(0x0023, b""))  # session_ticket
+    exts.append(_ext(0x0010, b"\x00\x0c\x02h2\x08http/1.1"))  # ALPN
+    exts.append(_ext(0x0005, b"\x01\x00\x00\x00\x00"))  # status_request
+    exts.append(
+        _ext(0x000D, _u16_list([0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601]))
+    )
+    exts.append(_ext(0x0012, b""))  # signed_certificate_timestamp
+    shares = b""
+    if chrome:
+        shares += b"\x8a\x8a\x00\x01\x00"  # GREASE share, one zero byte
+    shares += X25519MLKEM768.to_bytes(2, "big") + len(hybrid).to_bytes(2, "big") + hybrid
+    shares += b"\x00\x1d\x00\x20" + x25519
+    exts.append(_ext(0x0033, len(shares).to_bytes(2, "big") + shares))
+    exts.append(_ext(0x002D, b"\x01\x01"))  # psk_key_exchange_modes
+    versions = ([0xBABA] if chrome else []) + [0x0304, 0x0303]
+    vbody = b"".join(v.to_bytes(2, "big") for v in versions)
+    exts.append(_ext(0x002B, len(vbody).to_bytes(1, "big") + vbody))
+    if chrome:
+        exts.append(_ext(0x001B, b"\x02\x00\x02"))  # compress_certificate: brotli
+        exts.append(_ext(0x44CD, b"\x00\x03\x02h2"))  # application_settings
+        ech = (
+            b"\x00"  # ClientHelloOuter
+            + b"\x00\x01\x00\x01"  # HKDF-SHA256, AES-128-GCM
+            + os.urandom(1)  # config_id
+            + b"\x00\x20"
+            + os.urandom(32)  # enc: an X25519 public value's size
+            + b"\x00\xd0"
+            + os.urandom(208)  # payload
+        )
+        exts.append(_ext(0xFE0D, ech))
+        exts.append(_ext(0x1A1A, b"\x00"))  # trailing GREASE extension
+    suites = ([0x7A7A] if chrome else []) + list(DEFAULT_CIPHERS)
+    session_id = os.urandom(32)
+
+    def body_with(extensions: bytes) -> bytes:
+        return (
+            b"\x03\x03"
+            + bytes(32)
+            + len(session_id).to_bytes(1, "big")
+            + session_id
+            + _u16_list(suites)
+            + b"\x01\x00"
+            + len(extensions).to_bytes(2, "big")
+            + extensions
+        )
+
+    if not chrome:
+        # TDLib pads its hello to a 512-byte handshake before the hybrid share is
+        # counted: the share (and its group entry) come on top, giving ~1.74 KB.
+        extra = 4 + len(hybrid) + 2
+        missing = HELLO_HANDSHAKE_LEN - 4 - len(body_with(b"".join(exts))) - 4 + extra
+        if missing >= 0:
+            exts.append(_ext(0x0015, bytes(missing)))
+    return _signed_hello_record(body_with(b"".join(exts)), secret_key, timestamp)
 
 
 def hello_timestamp(record: bytes, secret_key: bytes) -> int | None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +179,13 @@ class ProxyProcess:
         *,
         nofile: int | None = None,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> ProxyProcess:
         """Write the config, start the proxy and wait (bounded) until it listens.
 
         ``nofile`` sets the proxy's RLIMIT_NOFILE, soft and hard (so that it cannot raise
-        it); ``env`` adds environment variables. Raises RuntimeError with the proxy's
+        it); ``env`` adds environment variables; ``wrapper`` is a command that runs the
+        proxy's command line (its arguments follow). Raises RuntimeError with the proxy's
         output if it exits or does not listen.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,7 @@ class ProxyProcess:
             p for p in (str(REPO_ROOT), environment.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtgworkers", "run", str(self.config_path)],
+            [*wrapper, sys.executable, "-m", "mtgworkers", "run", str(self.config_path)],
             cwd=self.workdir,
             env=environment,
             stdin=subprocess.DEVNULL,

@@ -70,3 +70,26 @@ def test_the_notes_stay_inside_the_repository() -> None:
         if _OUTSIDE.search(line)
     ]
     assert offenders == []
+
+
+# "`tests/e2e/test_x.py::test_y`", and "`::test_z`" for another test of the same file.
+_TEST_REF = re.compile(r"`(tests/[\w/]+\.py)?::(test_\w+)`")
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    text = (REPO / "README.md").read_text()
+    named, missing = 0, []
+    for line in text.splitlines():
+        current: str | None = None
+        for match in _TEST_REF.finditer(line):
+            current = match[1] or current
+            assert current is not None, f"README names ::{match[2]} without its file: {line}"
+            source = REPO / current
+            defined = source.exists() and re.search(
+                rf"^(?:async )?def {match[2]}\(", source.read_text(), re.MULTILINE
+            )
+            named += 1
+            if not defined:
+                missing.append(f"{current}::{match[2]}")
+    assert named >= 20  # the "what a censor sees" table at least
+    assert missing == []

@@ -27,7 +27,12 @@ from mtgworkers.protocol.handshake import (
     ServerHandshake,
 )
 from mtgworkers.protocol.secret import Secret
-from tests.support.client import RANDOM_OFFSET, build_client_hello, parse_server_hello
+from tests.support.client import (
+    RANDOM_OFFSET,
+    build_client_hello,
+    build_layout_hello,
+    parse_server_hello,
+)
 from tests.support.wire import CCS_RECORD, TAGS, obfs2_client_frame, wrap_records
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -171,6 +176,20 @@ def test_a_large_hello_with_a_post_quantum_key_share_is_served() -> None:
         m = machine()
         actions = run(m, [big[:cut], big[cut:] + rest])
         assert [type(a) for a in actions] == [ClientKnown, Reply, Dial]
+
+
+@pytest.mark.parametrize(
+    ("layout", "sni"), [("chrome", HOST), ("android", HOST), ("android", None)]
+)
+def test_2026_hellos_are_served_whatever_the_segment_boundary(layout: str, sni: str | None) -> None:
+    # Chrome's (X25519MLKEM768 share, ECH GREASE) and Android's post-quantum hello, with
+    # SNI and without (iOS): past one TCP segment, so they arrive cut somewhere.
+    big = build_layout_hello(KEY, sni, layout, timestamp=int(NOW))
+    assert 1700 < len(big) < 1900
+    for cut in range(1, len(big)):
+        _, rest, obfs = client_stream()
+        actions, later = feed(machine(), [big[:cut], big[cut:] + rest])
+        _check_full_handshake(actions, big, obfs, later)
 
 
 def test_proxy_header_names_the_client_and_is_not_fronted() -> None:
