@@ -1,50 +1,86 @@
-"""``python -m fuzz run|replay|seed|list``.
+"""The fuzz campaign over every parser of the proxy (docs/fuzzing.md), run as
+``python -m fuzz COMMAND`` from the repository's top folder.
 
-- ``run --seconds N [--target T ...] [--merge]``: the campaign (atheris), N seconds split
-  over the targets (all by default); exit status 1 when it found anything;
-- ``replay [--target T ...]``: every corpus file through its harness, in this process;
-- ``seed``: write the seed inputs (built from the test suite's builders) into the corpora;
-- ``list``: the targets and what they cover.
+Usage:
+  fuzz run --seconds=N [--target=T]... [--merge] [--corpus=DIR] [--findings=DIR]
+  fuzz replay [--target=T]... [--corpus=DIR]
+  fuzz seed [--target=T]... [--dry-run] [DIR]
+  fuzz list
+  fuzz (-h | --help)
+
+Commands:
+  run     The campaign with atheris (libFuzzer): N seconds split evenly over the targets
+          (all by default). Prints per target the inputs executed, libFuzzer's cov: figure
+          and the findings; exit status 1 when it found anything.
+  replay  Every file of the corpora through its harness, in this process, without
+          atheris; exit status 1 when one broke the contract.
+  seed    Write the seed inputs (built from the test suite's builders, dnspython, haproxy's
+          header formats and config.example.toml) into DIR/<target>/ [default: fuzz/corpus].
+  list    The targets and what they cover.
+
+Options:
+  --seconds=N     Total time of the campaign, in seconds.
+  --target=T      A target (repeatable; `list` names them); all when left out.
+  --merge         Replace each corpus by libFuzzer's minimisation of it plus the new inputs.
+  --corpus=DIR    The folder with one corpus folder per target [default: fuzz/corpus].
+  --findings=DIR  Where findings are kept, one folder per target [default: fuzz/findings].
+  --dry-run       Only print where the seeds would go and how many there are.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from fuzz import TARGETS
+from docopt import DocoptExit, docopt
+
+from fuzz import CORPUS, ROOT, TARGETS
+
+
+def _folder(value: str | None, default: Path) -> Path:
+    """A folder option: the documented default is the package's own folder."""
+    if value is None or value == f"fuzz/{default.name}":
+        return default
+    return Path(value)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuzz")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the fuzz campaign with atheris")
-    run.add_argument("--seconds", type=float, required=True, help="total time, split evenly")
-    run.add_argument("--target", action="append", choices=list(TARGETS), help="repeatable")
-    run.add_argument("--merge", action="store_true", help="minimise the corpus with new inputs")
-    replay = commands.add_parser("replay", help="replay the corpora without atheris")
-    replay.add_argument("--target", action="append", choices=list(TARGETS))
-    commands.add_parser("seed", help="write the seed inputs into the corpora")
-    commands.add_parser("list", help="list the targets")
-    args = parser.parse_args(argv)
+    doc = __doc__ or ""
+    try:
+        args = docopt(doc, argv, default_help=True)
+    except DocoptExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    targets: list[str] = args["--target"] or list(TARGETS)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        names = ", ".join(unknown)
+        print(f"unknown target(s): {names}; see `python -m fuzz list`", file=sys.stderr)
+        return 2
 
-    if args.command == "list":
+    if args["list"]:
         for name, what in TARGETS.items():
             print(f"{name:<12} {what}")
         return 0
-    if args.command == "seed":
-        from fuzz.seeds import write_seeds
+    if args["seed"]:
+        from fuzz.seeds import build_seeds, seed_name, write_seeds
 
-        for name, count in write_seeds().items():
-            print(f"{name:<12} {count} seed(s)")
+        dest = _folder(args["DIR"], CORPUS)
+        if args["--dry-run"]:
+            for name, seeds in build_seeds(targets).items():
+                new = sum(not (dest / name / seed_name(d)).exists() for d in seeds)
+                print(f"{name:<12} {len(seeds)} seed(s), {new} new, into {dest / name}")
+            return 0
+        for name, count in write_seeds(dest, targets).items():
+            print(f"{name:<12} {count} new seed(s) in {dest / name}")
         return 0
-    targets = args.target or list(TARGETS)
-    if args.command == "replay":
+    corpus = _folder(args["--corpus"], CORPUS)
+    if args["replay"]:
         from fuzz.replay import replay_corpus
 
         failures = 0
         for name in targets:
-            count, errors = replay_corpus(name)
+            count, errors = replay_corpus(name, corpus)
             failures += len(errors)
             print(f"{name:<12} {count} input(s), {len(errors)} failure(s)")
             for error in errors:
@@ -52,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failures else 0
     from fuzz.campaign import run as run_campaign
 
-    results = run_campaign(args.seconds, targets, args.merge)
+    try:
+        seconds = float(args["--seconds"])
+    except ValueError:
+        print(f"--seconds: not a number: {args['--seconds']!r}", file=sys.stderr)
+        return 2
+    if seconds <= 0:
+        print("--seconds: must be more than 0", file=sys.stderr)
+        return 2
+    findings = _folder(args["--findings"], ROOT / "findings")
+    results = run_campaign(seconds, targets, args["--merge"], sys.stdout, corpus, findings)
     return 1 if any(r.findings for r in results) else 0
 
 

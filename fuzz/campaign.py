@@ -10,6 +10,7 @@ libFuzzer's ``-merge=1`` minimisation of corpus plus new inputs; files named
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from fuzz import CORPUS, ROOT, TARGETS
 
@@ -55,7 +57,7 @@ def _wrapper(scratch: Path, target: str) -> Path:
 
 
 def _worker(target: str, wrapper: Path, args: list[str], log: Path) -> tuple[int, str]:
-    env = {**__import__("os").environ, "FUZZ_ARGV0": str(wrapper)}
+    env = {**os.environ, "FUZZ_ARGV0": str(wrapper)}
     with log.open("w") as out:
         code = subprocess.call(
             [sys.executable, "-m", "fuzz.worker", target, *args],
@@ -79,14 +81,21 @@ def _finding_summary(text: str, artifact: str) -> str:
     return f"{artifact}: {reason or 'see the log'}"
 
 
-def run_target(target: str, seconds: float, scratch: Path, merge: bool) -> Result:
+def run_target(
+    target: str,
+    seconds: float,
+    scratch: Path,
+    merge: bool,
+    corpus_root: Path = CORPUS,
+    findings_root: Path = FINDINGS,
+) -> Result:
     result = Result(target)
-    corpus = CORPUS / target
+    corpus = corpus_root / target
     corpus.mkdir(parents=True, exist_ok=True)
     result.corpus_before = len(_files(corpus))
     fresh = scratch / f"new-{target}"
     fresh.mkdir()
-    found = FINDINGS / target
+    found = findings_root / target
     found.mkdir(parents=True, exist_ok=True)
     wrapper = _wrapper(scratch, target)
     deadline = time.monotonic() + seconds
@@ -151,14 +160,25 @@ def run_target(target: str, seconds: float, scratch: Path, merge: bool) -> Resul
     return result
 
 
-def run(seconds: float, targets: list[str], merge: bool, out=sys.stdout) -> list[Result]:
-    """Run the campaign: ``seconds`` split evenly over ``targets``; prints one line each."""
+def run(
+    seconds: float,
+    targets: list[str],
+    merge: bool,
+    out: TextIO = sys.stdout,
+    corpus_root: Path = CORPUS,
+    findings_root: Path = FINDINGS,
+) -> list[Result]:
+    """Run the campaign: ``seconds`` split evenly over ``targets``; prints one line each.
+
+    ``corpus_root`` and ``findings_root`` hold one folder per target (by default the
+    repository's ``fuzz/corpus/`` and ``fuzz/findings/``).
+    """
     share = seconds / len(targets)
     results = []
     print(f"fuzz: {len(targets)} target(s), {share:.0f}s each", file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         for target in targets:
-            result = run_target(target, share, Path(tmp), merge)
+            result = run_target(target, share, Path(tmp), merge, corpus_root, findings_root)
             results.append(result)
             print(format_result(result), file=out, flush=True)
             for finding in result.findings:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 from fuzz import CORPUS
 from fuzz.targets import load
 
 
-def replay_corpus(target: str) -> tuple[int, list[str]]:
-    """(inputs run, one line per input that broke the contract)."""
+def replay_corpus(target: str, corpus_root: Path = CORPUS) -> tuple[int, list[str]]:
+    """(inputs run, one line per input that broke the contract) for ``corpus_root/target``."""
     harness = load(target)
     errors = []
-    files = sorted(p for p in (CORPUS / target).iterdir() if p.is_file())
+    folder = corpus_root / target
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     for path in files:
         try:
             harness.fuzz_one(path.read_bytes())
