@@ -38,8 +38,8 @@ the parts live in:
   - :mod:`~mtgworkers.config.scalars`: :class:`PreferIP`, tag format, metric prefix, HTTP
     path, bounded integers, error rate, pid and CA files, DC numbers;
 
-- :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse`, :func:`loads` and :func:`load`, which
-  prefix a value's reason with the full dotted key, e.g.
+- :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse`, :func:`loads` and
+  :func:`load`, which prefix a value's reason with the full dotted key, e.g.
   ``network.timeout.idle: duration has to be a positive: -1s``;
 - :mod:`~mtgworkers.config.deprecations`: the deprecated keys and their warning text;
 - :mod:`~mtgworkers.config.errors`: :class:`ConfigError` and ``REDACTED``.
