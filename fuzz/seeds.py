@@ -140,7 +140,11 @@ def dns_answers() -> list[tuple[int, bytes, bytes]]:
 
     a_query, aaaa_query = QUERIES
 
-    def answer(query: dns.message.Message, *rrsets: dns.rrset.RRset, rcode: int = 0) -> bytes:
+    def answer(
+        query: dns.message.Message,
+        *rrsets: dns.rrset.RRset,
+        rcode: dns.rcode.Rcode = dns.rcode.NOERROR,
+    ) -> bytes:
         response = dns.message.make_response(query)
         response.set_rcode(rcode)
         response.answer.extend(rrsets)
@@ -166,7 +170,11 @@ def dns_answers() -> list[tuple[int, bytes, bytes]]:
             answer(a_query, *chain, rr("edge.example.net.", "A", "203.0.113.9", ttl=30)),
             answer(aaaa_query, *chain),
         ),
-        (0, answer(a_query, rcode=dns.rcode.NXDOMAIN), answer(aaaa_query, rcode=3)),
+        (
+            0,
+            answer(a_query, rcode=dns.rcode.NXDOMAIN),
+            answer(aaaa_query, rcode=dns.rcode.NXDOMAIN),
+        ),
         (0, answer(a_query, rcode=dns.rcode.SERVFAIL), answer(aaaa_query)),
         (2, truncated.to_wire(), answer(aaaa_query)),
         (1, answer(aaaa_query, rr(NAME, "AAAA", "::1")), answer(a_query, rr(NAME, "A", "0.0.0.0"))),

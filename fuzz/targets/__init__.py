@@ -47,6 +47,7 @@ def run_now(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         coro.send(None)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        value: _T = stop.value
+        return value
     coro.close()
     raise AssertionError("the coroutine waited although all its input had arrived")

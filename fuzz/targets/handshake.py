@@ -92,14 +92,14 @@ def fuzz_one(data: bytes) -> None:
     if len(data) < 2:
         return
     flags, seed = data[0], data[1]
-    stream = bytearray(data[2:])
+    edited = bytearray(data[2:])
     proxy = bool(flags & 1)
-    header_len = _header_length(bytes(stream), proxy)
+    header_len = _header_length(bytes(edited), proxy)
     if flags & 4:
-        after = _sign(stream, header_len)
+        after = _sign(edited, header_len)
         if after >= 0 and flags & 8:
-            _fix_frame(stream, after, obfs2.TAGS[seed % 3])
-    stream = bytes(stream)
+            _fix_frame(edited, after, obfs2.TAGS[seed % 3])
+    stream = bytes(edited)
 
     machine = ServerHandshake(
         SECRET,
