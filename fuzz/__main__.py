@@ -15,7 +15,8 @@ Commands:
   replay  Every file of the corpora through its harness, in this process, without
           atheris; exit status 1 when one broke the contract.
   seed    Write the seed inputs (built from the test suite's builders, dnspython, haproxy's
-          header formats and config.example.toml) into DIR/<target>/ [default: fuzz/corpus].
+          header formats and config.example.toml) into DIR/<target>/; without DIR, only
+          say how many would be new in fuzz/corpus/ (`seed fuzz/corpus` writes there).
   list    The targets and what they cover.
 
 Options:
@@ -66,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         from fuzz.seeds import build_seeds, seed_name, write_seeds
 
         dest = _folder(args["DIR"], CORPUS)
-        if args["--dry-run"]:
+        if args["--dry-run"] or args["DIR"] is None:
             for name, seeds in build_seeds(targets).items():
                 new = sum(not (dest / name / seed_name(d)).exists() for d in seeds)
-                print(f"{name:<12} {len(seeds)} seed(s), {new} new, into {dest / name}")
+                print(f"{name:<12} {len(seeds)} seed(s), {new} new, would go to {dest / name}")
+            if args["DIR"] is None:
+                print(f"nothing written: name the folder, e.g. python -m fuzz seed {dest}")
             return 0
         for name, count in write_seeds(dest, targets).items():
             print(f"{name:<12} {count} new seed(s) in {dest / name}")

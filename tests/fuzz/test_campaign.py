@@ -99,3 +99,11 @@ def test_the_command_line_refuses_unknown_targets() -> None:
     done = _fuzz("replay", "--target=nope", timeout=60)
     assert done.returncode == 2
     assert "unknown target(s): nope" in done.stderr
+
+
+def test_seed_without_a_folder_writes_nothing() -> None:
+    before = sorted(p.name for p in (CORPUS / "config").iterdir())
+    done = _fuzz("seed", "--target=config", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "would go to" in done.stdout and "nothing written" in done.stdout
+    assert sorted(p.name for p in (CORPUS / "config").iterdir()) == before
