@@ -236,7 +236,8 @@ def mtg_config(ctx: Context, port: int, options: dict[str, Any], *, ours: bool =
         "",
         "[domain-fronting]",
         'ip = "127.0.0.1"',
-        "port = 9",
+        # nothing listens on port 9 (fronting fails at once) unless a scenario runs a site
+        f"port = {int(options.get('fronting_port', 9))}",
         "",
         "[dc-overrides]",
     ]
@@ -595,7 +596,7 @@ def measure(
     window = Window()
     try:
         time.sleep(settings.warmup)
-        if job["kind"] in ("rtt", "handshake"):
+        if job["kind"] in ("rtt", "handshake", "probe"):
             ctx.load.go()  # opens the latency window (the rates come from the counters)
         before = ctx.load.snapshot()
         probe = CpuProbe(ctx, instance)

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import mmap
+import os
 import resource
 import socket
 import sys
@@ -79,7 +80,9 @@ class Job:
         key, host = parse_secret(spec["secret"])
         self.key = key
         self.hmac_key = key if spec.get("verify_hmac", True) else None
-        self.hellos = _HelloFactory(key, host)
+        # ``probe``: what a censor's active probe sends, a well-formed hello for the right
+        # host signed with another key; the proxy fronts it to the website.
+        self.hellos = _HelloFactory(os.urandom(16) if self.kind == "probe" else key, host)
         self.mode = MODES[spec.get("mode", "echo")]
         self.msg = int(spec.get("msg", 16384))
         self.window = int(spec.get("window", 65536))
@@ -215,7 +218,10 @@ class Client(asyncio.Protocol):
         if self.state == RUN:
             self._records(data)
         elif self.state == WELCOME:
-            self._welcome(data)
+            if self.job.kind == "probe":
+                self._site_answer(data)
+            else:
+                self._welcome(data)
         elif self.state == DONE and data:
             self._fail("bytes after the expected echo", corrupt=True)
         self.job.publish()
@@ -248,6 +254,23 @@ class Client(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         pass
+
+    # -- probe --------------------------------------------------------------------------
+    def _site_answer(self, data: bytes) -> None:
+        """A fronted probe: done once the website's ServerHello record is in; then reset
+        (an abort leaves no TIME_WAIT behind on the load side)."""
+        buf = self.wbuf
+        buf += data
+        if len(buf) < 6:
+            return
+        if buf[0] != 0x16 or buf[1] != 3 or buf[5] != 0x02:
+            self._fail(f"fronted probe: no ServerHello, got {bytes(buf[:6]).hex()}", True)
+            return
+        if len(buf) < 5 + ((buf[3] << 8) | buf[4]):
+            return
+        self.job.established += 1
+        self.state = DONE
+        self.transport.abort()
 
     # -- handshake ----------------------------------------------------------------------
     def _welcome(self, data: bytes) -> None:
@@ -546,7 +569,7 @@ class Worker:
         job.publish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(spec.get("setup_timeout", 60.0))
-        if job.kind == "handshake":
+        if job.kind in ("handshake", "probe"):
             self.tasks = [
                 asyncio.ensure_future(handshake_slot(job)) for _ in range(int(spec["slots"]))
             ]

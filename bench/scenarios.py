@@ -29,9 +29,10 @@ from typing import Any
 
 import psutil
 
-from bench.common import free_port
+from bench.common import free_port, kill_tree, taskset_prefix, wait_listening
 from bench.harness import (
     DC_NUMBERS,
+    REPO_ROOT,
     SESSIONS_PER_PROCESS,
     Context,
     Instance,
@@ -71,6 +72,11 @@ def handshake_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
     return job, ctx.settings.hs_slots, "slots"
 
 
+def probe_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
+    job = {"kind": "probe", "dcs": list(DC_NUMBERS)}
+    return job, ctx.settings.hs_slots, "slots"
+
+
 def rtt_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
     s = ctx.settings
     job = {"kind": "rtt", "msg": s.rtt_msg, "think": s.rtt_think, "dcs": list(DC_NUMBERS)}
@@ -80,7 +86,7 @@ def rtt_job(ctx: Context) -> tuple[dict[str, Any], int, str]:
 def rate_of(job: dict[str, Any], window: Window) -> float:
     """The figure of a window: MB/s for streams, handshakes/s, or p99 ms for rtt."""
     elapsed = max(window.elapsed, 1e-9)
-    if job["kind"] == "handshake":
+    if job["kind"] in ("handshake", "probe"):
         return window.completed / elapsed
     if job["kind"] == "rtt":
         return percentile(window.latencies_ns, 99) / 1e6
@@ -586,6 +592,69 @@ def paced_scenario(ctx: Context, sc: Scenario) -> Result:
     return out
 
 
+def probes_scenario(ctx: Context, sc: Scenario) -> Result:
+    """Fronted probes vs valid handshakes: proxy CPU per connection of each, same instance.
+
+    A probe is a well-formed ClientHello for the secret's host signed with another key
+    (a censor's active probe); the proxy relays it to a local TLS site (bench/tlssite.py,
+    on the load CPUs) and the site's ServerHello back, then the probe resets. The value is
+    CPU per probe over CPU per full handshake (<= 1: probing costs no more than serving).
+    """
+    targets = [t for t in ctx.targets if t.key != "baseline"]  # the baseline cannot front
+    if not targets:
+        raise Skip("needs a proxy that fronts (the baseline does not)")
+    port = free_port()
+    log = open(ctx.tmp / "tlssite.log", "ab")  # noqa: SIM115 - closed below
+    argv = [sys.executable, "bench/tlssite.py", "--listen", f"127.0.0.1:{port}"]
+    site = subprocess.Popen(
+        [*taskset_prefix(ctx.load_cpus), *argv],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        wait_listening([port], site, ctx.settings.start_timeout)
+        for target in targets:
+            inst = ctx.launch(target, fronting_port=port)
+            got: dict[str, list[float]] = {"handshake": [], "probe": []}
+            try:
+                for _ in range(ctx.settings.repeats):
+                    for label, (job, total, split) in (
+                        ("handshake", handshake_job(ctx)),
+                        ("probe", probe_job(ctx)),
+                    ):
+                        window = measure(ctx, inst, job, total, split)
+                        cpu_s = window.cpu_pct / 100 * window.elapsed
+                        got[label].append(cpu_s / max(window.completed, 1) * 1e6)
+                        e, w = problems_of(ctx, target, window)
+                        errors += e
+                        warnings += w
+            finally:
+                inst.close()
+            hs_us = statistics.median(got["handshake"])
+            probe_us = statistics.median(got["probe"])
+            results[target.key] = {
+                "label": target.label,
+                "value": _round(probe_us / hs_us),
+                "cpu_us_per_probe": _round(probe_us),
+                "cpu_us_per_handshake": _round(hs_us),
+                "runs": {k: [_round(v) for v in vs] for k, vs in got.items()},
+            }
+    finally:
+        kill_tree(site)
+        log.close()
+    out = finish(sc, results, errors, warnings, "value")
+    out["note"] = "; ".join(
+        f"{r['label']}: {r['cpu_us_per_probe']} us CPU per probe vs "
+        f"{r['cpu_us_per_handshake']} per handshake"
+        for r in results.values()
+    )
+    return out
+
+
 # -- registry ------------------------------------------------------------------------------------
 # -- stalled readers -----------------------------------------------------------------------------
 def stalled_scenario(ctx: Context, sc: Scenario) -> Result:
@@ -857,6 +926,13 @@ SCENARIOS = [
         "RSS per idle session, 9k per worker",
         "KB",
         idle_scenario(_idle_large),
+        better="lower",
+    ),
+    Scenario(
+        "probes",
+        "fronted probes: proxy CPU per probe / per handshake",
+        "x",
+        probes_scenario,
         better="lower",
     ),
     Scenario("max_sessions", "most sessions, worker pool", "sessions", max_sessions),

@@ -9,7 +9,9 @@
 #   FRONTING_HOSTNAME (default: www.cloudflare.com) unless that file already exists;
 #   PORT=... in the environment chooses the listening port (default 443);
 # - installs and starts the systemd unit (or, without systemd, runs the proxy in the
-#   foreground);
+#   foreground); on a machine where it already runs, this is an upgrade in place: the
+#   package is reinstalled into the same venv and the service reloaded, not restarted,
+#   so the new workers run the new code and no session is dropped;
 # - prints the tg:// and t.me links for clients.
 #
 # MTGW_PREFIX and MTGW_CONFIG change the install and config paths; MTGW_NO_START=1 installs
@@ -66,8 +68,15 @@ fi
 if [ -d /run/systemd/system ]; then
   install -m 0644 deploy/mtgworkers.service /etc/systemd/system/mtgworkers.service
   systemctl daemon-reload
-  systemctl enable --now mtgworkers.service
-  systemctl restart mtgworkers.service
+  if systemctl is-active --quiet mtgworkers.service; then
+    # An upgrade: the new workers run the code just installed, the old ones drain their
+    # sessions (a restart would drop them). The README's "Upgrades" says what still
+    # needs a restart.
+    systemctl reload mtgworkers.service
+    echo "mtgworkers upgraded in place and reloaded: no session was dropped"
+  else
+    systemctl enable --now mtgworkers.service
+  fi
   echo "mtgworkers is running: systemctl status mtgworkers; logs: journalctl -u mtgworkers -f"
 else
   echo "no systemd here: running in the foreground (Ctrl-C stops it)"

@@ -344,7 +344,7 @@ def cmd_run(args: Mapping[str, Any]) -> int:
     """Load the config file, set up logging, warn about deprecated keys and serve."""
     from mtgworkers import config, logs
 
-    cfg = load_config(args["<config>"])
+    cfg, data, base_dir = load_config_source(args["<config>"])
     logs.setup(cfg.debug)
     log = logs.get_logger("")
     for key in cfg.deprecated:
@@ -352,7 +352,7 @@ def cmd_run(args: Mapping[str, Any]) -> int:
     for warning in config.warnings(cfg):
         log.warning(warning)
     log.debug("configuration", extra={"configuration": cfg.to_json_dict()})
-    return _serve(cfg, os.path.abspath(args["<config>"]))
+    return _serve(cfg, os.path.abspath(args["<config>"]), (data, base_dir))
 
 
 def cmd_simple_run(args: Mapping[str, Any]) -> int:
@@ -369,7 +369,7 @@ def cmd_simple_run(args: Mapping[str, Any]) -> int:
     if args["--tcp-buffer"] is not None:
         log.warning("Option tcp-buffer is deprecated and ignored.", extra={"option": "tcp-buffer"})
     log.debug("configuration", extra={"configuration": cfg.to_json_dict()})
-    return _serve(cfg, None)
+    return _serve(cfg, None, (data, None))
 
 
 def simple_run_config(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -442,12 +442,16 @@ def _simple_run_error(message: str) -> str:
     return f"invalid configuration: {message}"
 
 
-def _serve(cfg: Config, config_path: str | None) -> int:
-    """Run the supervisor and its workers; its start-up failures become CliError."""
+def _serve(cfg: Config, config_path: str | None, source: tuple[dict[str, Any], str | None]) -> int:
+    """Run the supervisor and its workers; its start-up failures become CliError.
+
+    ``source`` is what ``cfg`` was parsed from (decoded TOML data and the directory that
+    relative paths are resolved against): the workers parse it again with their own code.
+    """
     import supervisor
 
     try:
-        return supervisor.run(cfg, config_path)
+        return supervisor.run(cfg, config_path, source)
     except supervisor.SupervisorError as exc:
         raise CliError(str(exc)) from None
 
@@ -463,6 +467,12 @@ def deprecation_message(key: str) -> str:
 
 def load_config(path: str) -> Config:
     """config.load() with the file checks and errors a user can act on (CliError)."""
+    return load_config_source(path)[0]
+
+
+def load_config_source(path: str) -> tuple[Config, dict[str, Any], str]:
+    """:func:`load_config`, with the decoded file and its directory (what the supervisor
+    hands its workers, which parse it with their own code)."""
     if not os.path.exists(path):
         raise CliError(f"config file {path} does not exist")
     if os.path.isdir(path):
@@ -471,7 +481,8 @@ def load_config(path: str) -> Config:
     from mtgworkers import config
 
     try:
-        return config.load(path)
+        data, base_dir = config.read(path)
+        return config.parse(data, base_dir=base_dir), data, base_dir
     except config.ConfigError as exc:
         message = str(exc)
         # File and TOML errors already say "cannot read/parse ... <path>"; key errors do not.

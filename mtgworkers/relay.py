@@ -89,6 +89,11 @@ class Side(asyncio.BufferedProtocol):
 
     # connection management -------------------------------------------------------------
 
+    def itself(self) -> Side:
+        """The protocol factory of a side made before its connection (``Dialer.connect``):
+        a bound method instead of a ``lambda: side`` closure per session."""
+        return self
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)  # type: ignore[attr-defined]

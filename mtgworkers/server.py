@@ -520,10 +520,10 @@ class Worker:
             return False
         return ip in self._local_ips
 
-    def fronting_dialled(self, sock: socket.socket) -> FrontingKey:
-        """Remember a connected fronting socket until :meth:`fronting_closed`; returns its
-        key, the 4-tuple (local end, remote end)."""
-        key = (_endpoint(sock.getsockname()), _endpoint(sock.getpeername()))
+    def fronting_dialled(self, local: tuple[Any, ...], peer: tuple[Any, ...]) -> FrontingKey:
+        """Remember a connected fronting connection (its socket's local and remote
+        addresses) until :meth:`fronting_closed`; returns its key, the 4-tuple."""
+        key = (_endpoint(local), _endpoint(peer))
         self._fronting_dials.add(key)
         return key
 

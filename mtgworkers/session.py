@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
 from mtgworkers import events
@@ -51,8 +50,6 @@ from mtgworkers.relay import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     from mtgworkers.server import FrontingKey, Worker
 
 # session states
@@ -253,11 +250,25 @@ class ClientSession(asyncio.Protocol):
         self._cancel_timer()  # mtg clears the handshake deadline before dialling Telegram
         self.state = DIALING
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._task = asyncio.ensure_future(self._guarded(self._connect_telegram(action)))
+        # loop.create_task, not asyncio.ensure_future: no type checks and no
+        # get_event_loop() (a getpid() system call) per client.
+        self._task = self.worker.loop.create_task(self._connect_telegram(action))
 
     # -- Telegram -------------------------------------------------------------------------
 
     async def _connect_telegram(self, action: Dial) -> None:
+        # One coroutine for the whole dial (no wrapper coroutine per session): a bug in
+        # it must cost this session only, never the worker.
+        try:
+            await self._telegram(action)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self._task = None  # a finished task would stay referenced for the whole session
+
+    async def _telegram(self, action: Dial) -> None:
         worker = self.worker
         handshake = action.handshake
         original_dc = dc = action.dc
@@ -276,26 +287,8 @@ class ClientSession(asyncio.Protocol):
             self.dc = dc
             addresses = worker.dc_table.addresses(dc, worker.prefer_ip)
 
-        sock: socket.socket | None = None
-        last_error: BaseException | None = None
-        for host, port in addresses:
-            try:
-                sock = await worker.dialer.open_socket(host, port)
-            except OSError as exc:
-                last_error = exc
-                continue
-            break
-        if sock is None:
-            fields = self._fields(dc=dc, error=f"no addresses to call: {last_error}")
-            if dc != original_dc:
-                fields["original_dc"] = original_dc
-            _log.warning("cannot dial to telegram", extra=fields)
-            self.close()
-            return
-        if self.state != DIALING:  # the client went away while we were dialling
-            sock.close()
-            return
-
+        # The DC leg's frame and sides are made before the dial: the connected transport
+        # goes straight to its protocol (Dialer.connect), without a socket hand-over.
         frame, dc_encryptor, dc_decryptor = obfs2.generate_dc_frame(
             dc, handshake.tag, urandom=worker.random_bytes
         )
@@ -316,22 +309,29 @@ class ClientSession(asyncio.Protocol):
             dc_side = side_class(
                 self, client_transport, dc_decryptor.update, handshake.encryptor.update
             )
-        try:
-            peer = sock.getpeername()
-            upstream, _ = await worker.loop.create_connection(lambda: dc_side, sock=sock)
-        except OSError as exc:
-            sock.close()
-            _log.warning(
-                "cannot dial to telegram",
-                extra=self._fields(dc=dc, error=f"cannot perform server handshake: {exc}"),
-            )
+
+        upstream: asyncio.Transport | None = None
+        last_error: BaseException | None = None
+        for host, port in addresses:
+            try:
+                upstream = await worker.dialer.connect(host, port, dc_side.itself)
+            except OSError as exc:
+                last_error = exc
+                continue
+            break
+        if upstream is None:
+            fields = self._fields(dc=dc, error=f"no addresses to call: {last_error}")
+            if dc != original_dc:
+                fields["original_dc"] = original_dc
+            _log.warning("cannot dial to telegram", extra=fields)
             self.close()
             return
-        if self.state != DIALING:
+        if self.state != DIALING:  # the client went away while we were dialling
             upstream.abort()
             return
         self._attach_upstream(upstream)
-        self.upstream_ip = _normalise_ip(peer[0])
+        peer = upstream.get_extra_info("peername")
+        self.upstream_ip = _normalise_ip(peer[0]) if peer else host
         client_side = ClientSide(
             self, upstream, action.reader, handshake.decryptor.update, dc_encryptor.update
         )
@@ -346,17 +346,9 @@ class ClientSession(asyncio.Protocol):
         worker.events.send(events.EventConnectedToDC(self.stream_id, self.upstream_ip, dc))
         self._start_relay(client_side)
 
-    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a dial coroutine; a bug in it must cost this session only, never the worker."""
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            _log.error("session failed", extra=self._fields(error=repr(exc)), exc_info=exc)
-            self._abort()
-        finally:
-            self._task = None  # a finished task would stay referenced for the whole session
+    def _failed(self, exc: Exception) -> None:
+        _log.error("session failed", extra=self._fields(error=repr(exc)), exc_info=exc)
+        self._abort()
 
     # -- domain fronting ------------------------------------------------------------------
 
@@ -379,46 +371,50 @@ class ClientSession(asyncio.Protocol):
         self._cancel_timer()  # from now on the relay's idle timeout applies
         self.state = DIALING
         self.worker.events.send(events.EventDomainFronting(self.stream_id))
-        self._task = asyncio.ensure_future(self._guarded(self._connect_front()))
+        self._task = self.worker.loop.create_task(self._connect_front())
 
     async def _connect_front(self) -> None:
+        try:
+            await self._front_dial()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self._task = None
+
+    async def _front_dial(self) -> None:
         worker = self.worker
         host, port = worker.fronting_address
+        front_side = RawSide(self, self.transport, upstream=True)
         try:
-            sock = await worker.dialer.open_socket(host, port, use_proxies=False)
+            upstream = await worker.dialer.connect(host, port, front_side.itself, use_proxies=False)
         except OSError as exc:
-            _log.warning("cannot dial to the fronting domain", extra={"error": str(exc)})
-            self.close()
-            return
-        if self.state != DIALING:
-            sock.close()
-            return
-        try:
-            peer = sock.getpeername()
-            if worker.is_own_listener(peer):
-                sock.close()
-                _log.error(
-                    "cannot dial to the fronting domain",
-                    extra={
-                        "error": f"{join_host_port(peer[0], peer[1])} is this proxy itself "
-                        "(fronting loop)"
-                    },
-                )
-                self.close()
-                return
-            self.front_key = worker.fronting_dialled(sock)
-            client_transport = self.transport
-            front_side = RawSide(self, client_transport, upstream=True)
-            upstream, _ = await worker.loop.create_connection(lambda: front_side, sock=sock)
-        except OSError as exc:
-            sock.close()
             _log.warning("cannot dial to the fronting domain", extra={"error": str(exc)})
             self.close()
             return
         if self.state != DIALING:
             upstream.abort()
             return
+        # Counted from here: closing it below ends the session through connection_lost.
         self._attach_upstream(upstream)
+        peer = upstream.get_extra_info("peername")
+        local = upstream.get_extra_info("sockname")
+        if not peer or not local:  # reset before we got here: connection_lost follows
+            self.close()
+            return
+        if worker.is_own_listener(peer):
+            _log.error(
+                "cannot dial to the fronting domain",
+                extra={
+                    "error": f"{join_host_port(peer[0], peer[1])} is this proxy itself "
+                    "(fronting loop)"
+                },
+            )
+            self.close()
+            return
+        # Registered before a byte is sent, so our own accept of a looped dial knows it.
+        self.front_key = worker.fronting_dialled(local, peer)
         self.upstream_ip = _normalise_ip(peer[0])
         if worker.fronting_proxy_protocol:
             upstream.write(proxyproto.build_v2(self.client_addr, (peer[0], peer[1])))

@@ -7,8 +7,11 @@ initial boot or a reload once every new worker reported ready; spawns or retires
 so each slot has one worker of the current generation (``manage_workers``); kills workers
 past their deadline or frozen (``murder_workers``); samples the workers' resources
 (``sample_workers``); and sleeps in ``select`` on the wake-up pipe and the workers'
-report pipes. The supervisor never runs an event loop or a thread: it forks workers from
-this loop, where no lock is held.
+report pipes. The supervisor never runs an event loop or a thread: it starts workers from
+this loop, where no lock is held, by fork and exec of a fresh interpreter
+(``supervisor/launch.py``), so every worker runs the code installed when it starts: after
+an upgrade of the package, a reload puts the new code into service without dropping a
+session. The supervisor itself keeps the code it started with.
 
 Frozen workers: every worker's event loop bumps a heartbeat in its scoreboard record
 (``supervisor/worker.py``). A worker that reported ready (also once it is retiring) whose
@@ -36,22 +39,23 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from mtgworkers import __version__, links, logs
 from mtgworkers import config as config_module
-from mtgworkers import links, logs
 from supervisor import shm
+from supervisor.launch import LaunchSpec, launch
 from supervisor.listeners import ListenError, bind_slot_socket, tcp_migrate_req
 from supervisor.notify import Notifier
 from supervisor.pidfile import PidFileError, remove_pid_file, write_pid_file
 from supervisor.procstats import Sample, Sampler
 from supervisor.signals import CAUGHT_SIGNALS, SUPERVISOR_SIGNALS
 from supervisor.states import WorkerState
-from supervisor.worker import WORKER_BOOT_ERROR, WorkerSpec, worker_main
+from supervisor.worker import WORKER_BOOT_ERROR
 
 if TYPE_CHECKING:
     from mtgworkers.config import Config
@@ -85,6 +89,10 @@ CELLS = 4 * config_module.MAX_WORKERS
 MAX_QUEUED_SIGNALS = 10
 
 STARTING, RUNNING, STOPPING, QUITTING = "starting", "running", "stopping", "quitting"
+
+# What a configuration was parsed from: decoded TOML data (or simple-run's equivalent) and
+# the directory relative paths are resolved against. Workers parse it with their own code.
+ConfigSource = tuple[Mapping[str, Any], str | None]
 
 
 class SupervisorError(Exception):
@@ -122,6 +130,7 @@ class WorkerProcess:
     replaces: int | None = None  # worker-max-rss: pid this one takes over from
     replaced_by: int | None = None
     sample: Sample | None = None
+    version: str | None = None  # the package version it runs (from its "ready" report)
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -141,6 +150,7 @@ class Reload:
 
     generation: int
     config: Config
+    source: ConfigSource
     workers: int
     sockets: dict[int, socket.socket]  # new slot sockets made for it (new slots, new bind-to)
     replay: shm.ReplayCache | None
@@ -151,10 +161,18 @@ class Arbiter:
     """Supervises the worker processes of one proxy; see the module docstring."""
 
     def __init__(
-        self, config: Config, config_path: str | None = None, *, notifier: Notifier | None = None
+        self,
+        config: Config,
+        config_path: str | None = None,
+        source: ConfigSource | None = None,
+        *,
+        notifier: Notifier | None = None,
     ) -> None:
+        """``source``: what ``config`` was parsed from (None: read ``config_path`` again
+        at start)."""
         self.config = config
         self.config_path = config_path
+        self.source = source
         self.pid = os.getpid()
         self.generation = 1
         self._last_generation = 1  # generation numbers are never reused, failed ones neither
@@ -210,6 +228,13 @@ class Arbiter:
         """Bind the slot sockets, create shared memory and the pid file, install signals."""
         from mtgworkers.server import raise_nofile_limit
 
+        if self.source is None:
+            if self.config_path is None:
+                raise SupervisorError("no configuration to hand to the workers")
+            try:
+                self.source = config_module.read(self.config_path)
+            except config_module.ConfigError as exc:
+                raise SupervisorError(str(exc)) from None
         for path in shm.remove_stale_segments():
             _log.info("removed shared memory of a supervisor that is gone", extra={"path": path})
         raise_nofile_limit(self.config.concurrency)
@@ -249,6 +274,7 @@ class Arbiter:
             "supervisor started",
             extra={
                 "pid": self.pid,
+                "version": __version__,
                 "workers": self.num_workers,
                 "bind_to": str(self.config.bind_to),
                 "scoreboard": self.scoreboard.path,
@@ -350,10 +376,12 @@ class Arbiter:
         assert self.scoreboard is not None
         records = self.scoreboard.records()
         now = time.monotonic()
+        versions = {w.pid: w.version for w in self.workers.values()}
         _log.warning(
             "worker status",
             extra={
                 "generation": self.generation,
+                "version": __version__,
                 "sessions": sum(record.sessions for record in records),
                 "workers": [
                     {
@@ -361,6 +389,7 @@ class Arbiter:
                         "pid": record.pid,
                         "generation": record.generation,
                         "state": record.state,
+                        "version": versions.get(record.pid),
                         "sessions": record.sessions,
                         "rss": record.rss,
                         "cpu_percent": round(record.cpu_percent, 1),
@@ -440,11 +469,14 @@ class Arbiter:
             _log.info("reload in progress; another one follows it")
             return
         old = self.config
+        assert self.source is not None
+        source: ConfigSource = self.source
         if self.config_path is None:
             new = old  # simple-run: nothing to re-read, the workers are replaced
         else:
             try:
-                new = config_module.load(self.config_path)
+                source = config_module.read(self.config_path)
+                new = config_module.parse(source[0], base_dir=source[1])
             except config_module.ConfigError as exc:
                 self._reload_refused(str(exc))
                 return
@@ -483,7 +515,7 @@ class Arbiter:
             return
         self._last_generation += 1
         self.pending = Reload(
-            self._last_generation, new, workers, sockets, replay, time.monotonic()
+            self._last_generation, new, source, workers, sockets, replay, time.monotonic()
         )
         for index in range(workers):
             sock = sockets.get(index) or self.slots[index].sock
@@ -521,6 +553,7 @@ class Arbiter:
         assert pending is not None
         self.pending = None
         self.config = pending.config
+        self.source = pending.source
         self.generation = pending.generation
         self.num_workers = pending.workers
         for index, sock in pending.sockets.items():
@@ -546,6 +579,13 @@ class Arbiter:
             "configuration reloaded",
             extra={
                 "generation": self.generation,
+                "versions": sorted(
+                    {
+                        str(w.version)
+                        for w in self.workers.values()
+                        if w.generation == self.generation
+                    }
+                ),
                 "workers": self.num_workers,
                 "seconds": round(time.monotonic() - pending.started, 3),
             },
@@ -692,7 +732,8 @@ class Arbiter:
         replaces: int | None = None,
         startup_checks: bool = False,
     ) -> WorkerProcess | None:
-        """Fork a worker for slot ``index``; None when no scoreboard cell is free.
+        """Start a worker for slot ``index`` (fork and exec, ``supervisor/launch.py``);
+        None when no scoreboard cell is free or the fork failed.
 
         ``startup_checks``: this worker runs mtg's start-up SNI-DNS check (one per
         generation, so the warning is not repeated by every worker).
@@ -708,49 +749,40 @@ class Arbiter:
             _log.error("cannot start a worker", extra={"slot": index, "error": str(exc)})
             return None
         replay = self.replay
+        source = self.source
         if self.pending is not None and generation == self.pending.generation:
             replay = self.pending.replay
+            source = self.pending.source
+        assert source is not None
         report_r, report_w = os.pipe()
-        others = [s.sock for s in self.slots.values() if s.sock is not sock]
-        if self.pending is not None:
-            others += [s for s in self.pending.sockets.values() if s is not sock]
-        if self.exporter is not None:
-            others.append(self.exporter.sock)
-        spec = WorkerSpec(
+        spec = LaunchSpec(
             slot=index,
             generation=generation,
             cell=cell,
-            config=config,
-            sock=sock,
+            supervisor_pid=self.pid,
+            config_data=source[0],
+            config_base_dir=source[1],
+            listen_fd=sock.fileno(),
             report_fd=report_w,
             life_fd=self._life_r,
-            supervisor_pid=self.pid,
-            scoreboard=self.scoreboard,
-            replay=replay,
-            doppel=self.doppel,
-            close_fds=(
-                report_r,
-                self._wake_r,
-                self._wake_w,
-                self._life_w,
-                *(w.report_fd for w in self.workers.values() if w.report_fd >= 0),
-            ),
-            close_sockets=tuple(others),
+            scoreboard_fd=self.scoreboard.segment.fd,
+            scoreboard_path=self.scoreboard.path,
+            replay_fd=replay.segment.fd if replay is not None else None,
+            replay_path=replay.path if replay is not None else None,
+            replay_max_size=replay.max_size if replay is not None else 0,
+            replay_error_rate=replay.error_rate if replay is not None else 0.0,
+            doppel_fd=self.doppel.fd if self.doppel is not None else None,
+            doppel_path=self.doppel.path if self.doppel is not None else None,
             startup_checks=startup_checks,
         )
-        # Buffered output would otherwise be written twice, once by each process.
-        sys.stdout.flush()
-        sys.stderr.flush()
         try:
-            pid = os.fork()
+            pid = launch(spec)
         except OSError as exc:
             os.close(report_r)
             os.close(report_w)
             self.scoreboard.release(cell)
-            _log.error("cannot fork a worker", extra={"slot": index, "error": str(exc)})
+            _log.error("cannot start a worker", extra={"slot": index, "error": str(exc)})
             return None
-        if pid == 0:
-            worker_main(spec)  # never returns
         os.close(report_w)
         os.set_blocking(report_r, False)
         self.scoreboard.set_pid(cell, pid)
@@ -785,6 +817,8 @@ class Arbiter:
             except ValueError:
                 continue
             if message.get("event") == "ready":
+                version = message.get("version")
+                worker.version = str(version) if version is not None else None
                 self.worker_ready(worker)
             elif message.get("event") == "error":
                 worker.error = str(message.get("error"))
@@ -803,6 +837,7 @@ class Arbiter:
                 "slot": worker.slot,
                 "pid": worker.pid,
                 "generation": worker.generation,
+                "version": worker.version,
                 "boot_seconds": round(worker.ready_at - worker.spawned_at, 3),
             },
         )

@@ -1,8 +1,9 @@
 """Shared memory between the supervisor and its workers: the scoreboard and the replay cache.
 
-The supervisor creates every segment BEFORE it forks: a file in ``/dev/shm`` (private
-random name, mode 0600) mapped ``MAP_SHARED``. Workers inherit the mapping through
-``fork()``; they never open a segment by name. The supervisor unlinks the files when it
+The supervisor creates every segment before it starts a worker: a file in ``/dev/shm``
+(private random name, mode 0600) mapped ``MAP_SHARED``. Workers inherit the segment's
+descriptor across fork and exec (``supervisor/launch.py``) and map it again (the same
+pages); they never open a segment by name. The supervisor unlinks the files when it
 exits; files left behind by a supervisor that was killed (SIGKILL) are removed by the next
 start (:func:`remove_stale_segments`), and systemd's ``RemoveIPC=`` (implied by
 ``DynamicUser=``) removes them too.
@@ -167,6 +168,20 @@ class Segment:
         segment._owner = -1
         return segment
 
+    @classmethod
+    def inherit(cls, fd: int, path: str) -> Segment:
+        """Map, read-write and shared, a segment whose descriptor this process inherited
+        across exec (a worker). Raises OSError. The file is never removed through this
+        object; ``fd`` is made close-on-exec again."""
+        os.set_inheritable(fd, False)
+        segment = cls.__new__(cls)
+        segment.path = path
+        segment.fd = fd
+        segment.size = os.fstat(fd).st_size
+        segment.map = mmap.mmap(fd, segment.size, flags=mmap.MAP_SHARED)
+        segment._owner = -1
+        return segment
+
     def reopen(self) -> int:
         """A new open file description of this segment (for ``flock``): call after fork.
 
@@ -265,6 +280,28 @@ class Scoreboard:
             if magic != MAGIC or version != VERSION or segment.size < cls.size(cells):
                 raise ValueError(f"{path}: not a scoreboard of layout version {VERSION}")
             return cls(segment, cells)
+        except BaseException:
+            segment.close(unlink=False)
+            raise
+
+    @classmethod
+    def inherit(cls, fd: int, path: str) -> Scoreboard:
+        """The supervisor's scoreboard in a worker started by exec (read-write).
+
+        Raises OSError, or ValueError when the segment holds no scoreboard of this
+        layout (a worker of newer code under an older supervisor: restart the proxy).
+        """
+        segment = Segment.inherit(fd, path)
+        try:
+            magic, version, cells, _ = _HEADER.unpack(segment.map[:HEADER_SIZE])
+            if magic != MAGIC or version != VERSION or segment.size < cls.size(cells):
+                raise ValueError(
+                    f"the supervisor's scoreboard is not of layout version {VERSION}: "
+                    "restart the proxy to run the installed code"
+                )
+            board = cls(segment, cells)
+            board._free = []  # cells are the supervisor's to hand out
+            return board
         except BaseException:
             segment.close(unlink=False)
             raise
@@ -507,6 +544,11 @@ class ReplayCache:
             segment.close()
             raise
         return cls(segment, max_size, error_rate)
+
+    @classmethod
+    def inherit(cls, fd: int, path: str, max_size: int, error_rate: float) -> ReplayCache:
+        """The supervisor's replay cache in a worker started by exec. Raises OSError."""
+        return cls(Segment.inherit(fd, path), max_size, error_rate)
 
     @property
     def path(self) -> str:

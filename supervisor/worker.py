@@ -1,8 +1,9 @@
-"""What runs in a forked worker process: one uvloop loop serving one slot's socket.
+"""What runs in a worker process: one uvloop loop serving one slot's socket.
 
-The supervisor forks and calls :func:`worker_main` in the child, which never returns: it
-ends the process with ``os._exit`` so that nothing of the supervisor's stack (its loop,
-its ``finally`` blocks, ``atexit`` handlers) runs in the worker.
+The supervisor forks and execs a fresh interpreter (``supervisor/launch.py``), which runs
+:func:`exec_main`: it reads the launch spec, parses the configuration with the code that is
+installed now, maps the inherited shared memory and calls :func:`worker_main`, which never
+returns: it ends the process with ``os._exit``.
 
 Talking to the supervisor:
 
@@ -23,6 +24,14 @@ Talking to the supervisor:
   until the loop ends. A loop that stops running callbacks (an endless loop, a blocking
   call, SIGSTOP) stops it, and the supervisor kills and replaces a worker whose heartbeat
   is older than ``[supervisor] worker-timeout``.
+
+Memory after a peak: glibc's allocator keeps the memory freed by closed sessions in its
+arenas (a later peak reuses it, but the RSS stays high). Every :data:`TRIM_CHECK_EVERY`
+seconds the worker compares its session count with the highest count since the last
+trim; once at least :data:`TRIM_MIN_DROP` sessions and half of that peak are gone, it
+calls ``malloc_trim(0)``, which returns the free pages to the system. Only on glibc (found
+through ctypes; elsewhere the timer is not started), never on a session's path, and
+``MTGWORKERS_MALLOC_TRIM=0`` in the environment turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -50,7 +60,14 @@ if TYPE_CHECKING:
     from mtgworkers.server import ReplayFilter, Worker
     from supervisor.shm import ReplayCache, Scoreboard, Segment
 
-__all__ = ["WORKER_BOOT_ERROR", "WORKER_CRASHED", "WorkerSpec", "worker_main"]
+__all__ = [
+    "WORKER_BOOT_ERROR",
+    "WORKER_CRASHED",
+    "MemoryTrimmer",
+    "WorkerSpec",
+    "exec_main",
+    "worker_main",
+]
 
 # Exit statuses of a worker process (0: it stopped because it was told to).
 WORKER_CRASHED = 1  # an unexpected exception after boot
@@ -59,13 +76,17 @@ WORKER_BOOT_ERROR = 3  # could not start serving; the reason went to the report 
 PR_SET_PDEATHSIG = 1
 PARENT_CHECK_EVERY = 1.0
 HEARTBEAT_EVERY = 0.5
+TRIM_CHECK_EVERY = 5.0
+TRIM_MIN_DROP = 256  # sessions
+TRIM_ENV = "MTGWORKERS_MALLOC_TRIM"
 
 _log = logging.getLogger("mtgworkers.worker")
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker process gets from the supervisor (inherited through fork)."""
+    """Everything a worker process gets from the supervisor (built by :func:`exec_main`
+    from the launch spec and the inherited descriptors)."""
 
     slot: int
     generation: int
@@ -78,13 +99,81 @@ class WorkerSpec:
     scoreboard: Scoreboard
     replay: ReplayCache | None
     doppel: Segment | None = None  # the doppelganger's learned state (shm.create_doppel_segment)
-    close_fds: tuple[int, ...] = ()  # supervisor descriptors the worker must not keep
-    close_sockets: tuple[socket.socket, ...] = ()  # other slots' sockets
     startup_checks: bool = False  # mtg's start-up SNI-DNS check: one worker per generation
 
 
+def exec_main(argv: list[str]) -> NoReturn:
+    """The entry point of a worker's fresh interpreter (``supervisor/launch.py``): read the
+    launch spec from the descriptor named by ``argv[0]``, rebuild the worker's parts and
+    run it. Ends the process, never returns; a spec, configuration or segment this code
+    cannot use goes to the report pipe and exits with :data:`WORKER_BOOT_ERROR`."""
+    from supervisor.launch import LaunchSpec
+
+    try:
+        with os.fdopen(int(argv[0]), "rb") as stream:
+            raw = stream.read()
+    except (IndexError, ValueError, OSError) as exc:
+        print(f"mtgworkers worker: cannot read the launch spec: {exc}", file=sys.stderr)
+        os._exit(WORKER_BOOT_ERROR)
+    report_fd = -1
+    try:
+        report_fd = int(json.loads(raw)["report_fd"])
+        spec = _spec_from_launch(LaunchSpec.decode(raw))
+    except Exception as exc:
+        reason = str(exc) or type(exc).__name__
+        if report_fd >= 0:
+            _report(report_fd, event="error", error=reason)
+        else:
+            print(f"mtgworkers worker: {reason}", file=sys.stderr)
+        os._exit(WORKER_BOOT_ERROR)
+    worker_main(spec)
+
+
+def _spec_from_launch(launch: object) -> WorkerSpec:
+    """The launch spec -> a WorkerSpec with this code's objects. Raises ValueError,
+    OSError, ConfigError (whose text names the key)."""
+    from mtgworkers import config as config_module
+    from mtgworkers import logs
+    from supervisor.launch import LaunchSpec
+    from supervisor.shm import ReplayCache, Scoreboard, Segment
+
+    assert isinstance(launch, LaunchSpec)
+    try:
+        config = config_module.parse(launch.config_data, base_dir=launch.config_base_dir)
+    except config_module.ConfigError as exc:
+        raise ValueError(f"this worker code refuses the configuration: {exc}") from None
+    logs.setup(config.debug)
+    os.set_inheritable(launch.report_fd, False)
+    os.set_inheritable(launch.life_fd, False)
+    sock = socket.socket(fileno=launch.listen_fd)
+    sock.set_inheritable(False)
+    scoreboard = Scoreboard.inherit(launch.scoreboard_fd, launch.scoreboard_path)
+    replay = None
+    if launch.replay_fd is not None and launch.replay_path is not None:
+        replay = ReplayCache.inherit(
+            launch.replay_fd, launch.replay_path, launch.replay_max_size, launch.replay_error_rate
+        )
+    doppel = None
+    if launch.doppel_fd is not None and launch.doppel_path is not None:
+        doppel = Segment.inherit(launch.doppel_fd, launch.doppel_path)
+    return WorkerSpec(
+        slot=launch.slot,
+        generation=launch.generation,
+        cell=launch.cell,
+        config=config,
+        sock=sock,
+        report_fd=launch.report_fd,
+        life_fd=launch.life_fd,
+        supervisor_pid=launch.supervisor_pid,
+        scoreboard=scoreboard,
+        replay=replay,
+        doppel=doppel,
+        startup_checks=launch.startup_checks,
+    )
+
+
 def worker_main(spec: WorkerSpec) -> NoReturn:
-    """Run a worker in a freshly forked child; ends the process, never returns."""
+    """Run a worker in this (fresh) process; ends the process, never returns."""
     code = WORKER_CRASHED
     try:
         _detach_from_supervisor(spec)
@@ -102,19 +191,12 @@ def worker_main(spec: WorkerSpec) -> NoReturn:
 
 
 def _detach_from_supervisor(spec: WorkerSpec) -> None:
-    """Undo what the child inherited from the supervisor that a worker must not have."""
-    # The supervisor's signal handlers only enqueue and wake the supervisor's own loop.
-    signal.set_wakeup_fd(-1)
+    """Set the signal dispositions of a worker and tie its life to the supervisor's."""
     for signum in CAUGHT_SIGNALS:
         signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
-    set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)  # already set before the exec; harmless again
     if os.getppid() != spec.supervisor_pid:  # it died before prctl() took effect
         os._exit(0)
-    for fd in spec.close_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    for sock in spec.close_sockets:
-        sock.close()  # only this process's copy; the slot lives on in the supervisor
     field = WorkerField(spec.slot)
     for handler in logging.getLogger().handlers:
         handler.addFilter(field)
@@ -159,6 +241,9 @@ def _serve(spec: WorkerSpec) -> int:
     asyncio.set_event_loop(loop)
     heartbeat = Heartbeat(spec.scoreboard, spec.cell, loop)
     heartbeat.start()
+    trimmer = MemoryTrimmer.for_this_process(lambda: spec.scoreboard.sessions(spec.cell), loop)
+    if trimmer is not None:
+        trimmer.start()
     detach: list[Callable[[], None]] = []
     try:
         # One run_until_complete() for boot and service: uvloop only listens for signals
@@ -170,6 +255,8 @@ def _serve(spec: WorkerSpec) -> int:
             with contextlib.suppress(Exception):
                 detach_stats()  # after the sessions ended: their last traffic is counted
         heartbeat.stop()
+        if trimmer is not None:
+            trimmer.stop()
         loop.close()
 
 
@@ -198,6 +285,101 @@ class Heartbeat:
     def _beat(self) -> None:
         self.scoreboard.beat(self.cell, time.monotonic())
         self._timer = self.loop.call_later(HEARTBEAT_EVERY, self._beat)
+
+
+class MemoryTrimmer:
+    """A timer on the worker's loop that returns freed memory to the system after a peak
+    of sessions (``malloc_trim(0)``; see the module docstring)."""
+
+    def __init__(
+        self,
+        trim: Callable[[], int],
+        sessions: Callable[[], int],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        every: float = TRIM_CHECK_EVERY,
+        min_drop: int = TRIM_MIN_DROP,
+    ) -> None:
+        self.trim = trim
+        self.sessions = sessions
+        self.loop = loop
+        self.every = every
+        self.min_drop = min_drop
+        self.peak = 0
+        self.trims = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def for_this_process(
+        cls, sessions: Callable[[], int], loop: asyncio.AbstractEventLoop
+    ) -> MemoryTrimmer | None:
+        """A trimmer calling glibc's ``malloc_trim``; None without glibc or when
+        ``MTGWORKERS_MALLOC_TRIM=0``."""
+        if os.environ.get(TRIM_ENV, "1").strip() in ("0", "false", "no", "off"):
+            return None
+        trim = glibc_malloc_trim()
+        if trim is None:
+            return None
+        return cls(trim, sessions, loop)
+
+    def start(self) -> None:
+        self._timer = self.loop.call_later(self.every, self.check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def check(self) -> bool:
+        """One check (the timer's callback): trim when the sessions fell far enough below
+        the peak since the last trim. Returns whether it trimmed."""
+        self._timer = self.loop.call_later(self.every, self.check)
+        now = self.sessions()
+        if now > self.peak:
+            self.peak = now
+            return False
+        if self.peak - now < self.min_drop or now > self.peak // 2:
+            return False
+        peak, self.peak = self.peak, now
+        rss_before = _rss()
+        started = time.perf_counter()
+        gc.collect()  # sessions caught in reference cycles free their buffers first
+        self.trim()
+        self.trims += 1
+        _log.info(
+            "returned freed memory to the system",
+            extra={
+                "sessions": now,
+                "peak_sessions": peak,
+                "rss_before": rss_before,
+                "rss_after": _rss(),
+                "seconds": round(time.perf_counter() - started, 4),
+            },
+        )
+        return True
+
+
+def glibc_malloc_trim() -> Callable[[], int] | None:
+    """``malloc_trim(0)`` of this process's glibc, or None (not glibc, no ctypes)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.gnu_get_libc_version()
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return lambda: int(malloc_trim(0))
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (0 when /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm", "rb") as stream:
+            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 async def _boot_and_serve(
@@ -233,7 +415,9 @@ async def _boot_and_serve(
         return WORKER_BOOT_ERROR
     lifecycle = _Lifecycle(worker, spec, loop)
     lifecycle.install()  # before "ready": the supervisor may retire us right after it
-    _report(spec.report_fd, event="ready")
+    from mtgworkers import __version__
+
+    _report(spec.report_fd, event="ready", version=__version__)
     _log.debug("worker is serving", extra={"generation": spec.generation})
     await lifecycle.done
     return 0

@@ -192,12 +192,21 @@ def load(path: str | os.PathLike[str]) -> Config:
     Relative list-file paths are resolved against the file's directory. Raises ConfigError
     (unreadable file, TOML syntax error, invalid value).
     """
+    data, base_dir = read(path)
+    return parse(data, base_dir=base_dir)
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """Decode a TOML config file without validating it: ``(data, base_dir)`` for
+    :func:`parse` (the supervisor hands both to its workers, which parse them with their
+    own code). Raises ConfigError (unreadable file, not UTF-8, TOML syntax error, nesting
+    deeper than the decoder follows)."""
     try:
         with open(path, "rb") as stream:
             raw = stream.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config {os.fspath(path)}: {exc.strerror or exc}") from None
-    return loads(raw, source=os.fspath(path), base_dir=os.path.dirname(os.path.abspath(path)))
+    return _decode(raw, os.fspath(path)), os.path.dirname(os.path.abspath(path))
 
 
 def loads(raw: bytes | str, *, source: str = "<string>", base_dir: str | None = None) -> Config:
@@ -208,16 +217,20 @@ def loads(raw: bytes | str, *, source: str = "<string>", base_dir: str | None = 
     UTF-8, arrays or tables nested deeper than the decoder can follow, an integer of more
     digits than Python converts, an invalid value.
     """
+    return parse(_decode(raw, source), base_dir=base_dir)
+
+
+def _decode(raw: bytes | str, source: str) -> dict[str, Any]:
+    """The TOML data of ``raw``; ConfigError for anything the decoder cannot read."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except RecursionError:
         raise ConfigError(
             f"cannot parse toml config {source}: arrays or tables are nested too deeply"
         ) from None
     except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, int() digit limit
         raise ConfigError(f"cannot parse toml config {source}: {exc}") from None
-    return parse(data, base_dir=base_dir)
 
 
 def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:

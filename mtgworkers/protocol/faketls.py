@@ -11,7 +11,6 @@ log lines read the same as mtg's.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -129,6 +128,14 @@ def read_client_hello(
 
     Raises :class:`TLSError`. Keeps no reference to ``buf`` (a bytearray can grow afterwards).
     """
+    hello = _one_record_hello(buf)
+    if hello is not None:
+        return hello
+    return _read_records(buf, eof)
+
+
+def _read_records(buf: bytes | bytearray | memoryview, eof: bool) -> tuple[ClientHello, int] | None:
+    """:func:`read_client_hello` for any hello: fragmented, malformed, incomplete."""
     n = len(buf)
     pos = 0
     records = 0
@@ -180,6 +187,91 @@ def read_client_hello(
         )
     )
     return _parse_body(body, canonical), pos
+
+
+def _one_record_hello(buf: bytes | bytearray | memoryview) -> tuple[ClientHello, int] | None:
+    """The common hello (one record holding exactly the handshake message, every field
+    well-formed), parsed by offsets; None for anything else, which the general reader
+    then parses or rejects with mtg's wording. Same result as the general reader: the
+    record is the canonical form as it is. A fifth of the general reader's time for the
+    benchmark's Telegram-like hello (5 vs 25 us, timeit on the loaded benchmark host);
+    tests/unit/test_faketls.py checks that both readers agree.
+    """
+    n = len(buf)
+    if n < 9 or buf[0] != TYPE_HANDSHAKE or buf[1] != 3 or buf[2] != 1:
+        return None
+    end = 5 + ((buf[3] << 8) | buf[4])
+    if end > n or buf[5] != HANDSHAKE_CLIENT_HELLO:
+        return None
+    if (buf[6] << 16) | (buf[7] << 8) | buf[8] != end - 9:
+        return None  # several records, or bytes behind the hello in its record
+    rec = bytes(buf[:end])
+    p = 9 + 2 + RANDOM_LEN  # version, random
+    if p >= end:
+        return None
+    sid_end = p + 1 + rec[p]
+    p = sid_end + 2
+    if p > end:
+        return None
+    suites_len = (rec[p - 2] << 8) | rec[p - 1]
+    suites_end = p + suites_len
+    if suites_len & 1 or suites_end >= end:
+        return None
+    cipher_suite = 0
+    for i in range(p, suites_end, 2):
+        suite = (rec[i] << 8) | rec[i + 1]
+        if suite & 0x0F0F != 0x0A0A:
+            cipher_suite = suite
+            break
+    if cipher_suite == 0:
+        return None
+    p = suites_end + 1 + rec[suites_end]  # compression methods
+    exts_end = p + 2
+    if exts_end > end:
+        return None
+    exts_end += (rec[p] << 8) | rec[p + 1]
+    if exts_end > end:
+        return None
+    p += 2
+    sni: tuple[bytes, ...] | None = None
+    while p < exts_end:
+        data = p + 4
+        if data > exts_end:
+            return None
+        data_end = data + ((rec[p + 2] << 8) | rec[p + 3])
+        if data_end > exts_end:
+            return None
+        if rec[p] == 0 and rec[p + 1] == 0:  # server_name: read as _parse_server_names
+            if data_end - data < 2:
+                return None
+            if rec[data] == 0 and rec[data + 1] == 0:
+                sni = ()
+                break
+            q = data + 3
+            if q > data_end or rec[data + 2] != _SNI_HOST_NAME:
+                return None
+            names = []
+            while q < data_end:
+                name = q + 2
+                if name > data_end:
+                    return None
+                name_end = name + ((rec[q] << 8) | rec[q + 1])
+                if name_end > data_end:
+                    return None
+                names.append(rec[name:name_end])
+                q = name_end
+            sni = tuple(names)
+            break
+        p = data_end
+    hello = ClientHello(
+        random=rec[11 : 11 + RANDOM_LEN],
+        session_id=rec[44:sid_end],
+        cipher_suite=cipher_suite,
+        sni=sni,
+        canonical=rec,
+        suites=rec[suites_end - suites_len : suites_end],
+    )
+    return hello, end
 
 
 def _incomplete(eof: bool, message: str) -> tuple[ClientHello, int] | None:
@@ -340,11 +432,12 @@ def verify_client_hello(hello: ClientHello, secret: Secret, now: float, toleranc
         raise TLSError(f"cannot find {shown} in [{names}]")
 
     canon = hello.canonical
-    mac = hmac.new(
+    # hmac.digest: OpenSSL's one-shot HMAC, without the hmac.HMAC object (~2 us a call).
+    mac = hmac.digest(
         secret.key,
         b"".join((canon[:RANDOM_OFFSET], _ZERO_RANDOM, canon[RANDOM_OFFSET + RANDOM_LEN :])),
-        hashlib.sha256,
-    ).digest()
+        "sha256",
+    )
     # mac XOR random must be 28 zero bytes + timestamp: compare the 28-byte prefixes directly,
     # in constant time.
     if not hmac.compare_digest(mac[: RANDOM_LEN - 4], hello.random[: RANDOM_LEN - 4]):
@@ -445,7 +538,7 @@ def build_server_hello(
             )
         )
     )
-    digest = hmac.new(key, hello.random + packet, hashlib.sha256).digest()
+    digest = hmac.digest(key, hello.random + packet, "sha256")
     packet[RANDOM_OFFSET : RANDOM_OFFSET + RANDOM_LEN] = digest
     return bytes(packet)
 

@@ -96,8 +96,28 @@ class ClientHandshake:
     encryptor: CipherContext
 
 
-def _aes_ctr(key: bytes, iv: bytes) -> Cipher[modes.CTR]:
-    return Cipher(algorithms.AES(key), modes.CTR(iv))
+def _public_ctx(key: bytes, iv: bytes) -> CipherContext:
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+
+
+try:
+    # What Cipher(...).encryptor() ends in, without the Cipher object and its type and
+    # mode checks (ours are fixed: AES-256, a 16-byte counter): 1.9 instead of 4.6 us a
+    # context, five contexts per session (~13 us per handshake on the benchmark host).
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _create_ctx = _rust_openssl.ciphers.create_encryption_ctx
+
+    def _aes_ctr(key: bytes, iv: bytes) -> CipherContext:
+        """An AES-256-CTR context (CTR: encrypting and decrypting are the same XOR)."""
+        return _create_ctx(algorithms.AES(key), modes.CTR(iv))
+
+    # this cryptography's binding works and gives the public API's key stream
+    _probe = bytes(range(32)), bytes(range(16))
+    if _aes_ctr(*_probe).update(bytes(64)) != _public_ctx(*_probe).update(bytes(64)):
+        raise ImportError("cryptography's cipher binding differs")
+except Exception:  # another cryptography release: the public API
+    _aes_ctr = _public_ctx
 
 
 def parse_client_frame(frame: bytes | bytearray | memoryview, key: bytes) -> ClientHandshake:
@@ -112,10 +132,8 @@ def parse_client_frame(frame: bytes | bytearray | memoryview, key: bytes) -> Cli
         raise Obfs2Error(f"obfuscated2 frame must be {FRAME_LEN} bytes, got {len(frame)}")
 
     reversed_key_iv = frame[_KEY_IV][::-1]
-    decryptor = _aes_ctr(hashlib.sha256(frame[_KEY] + key).digest(), frame[_IV]).decryptor()
-    encryptor = _aes_ctr(
-        hashlib.sha256(reversed_key_iv[:32] + key).digest(), reversed_key_iv[32:]
-    ).encryptor()
+    decryptor = _aes_ctr(hashlib.sha256(frame[_KEY] + key).digest(), frame[_IV])
+    encryptor = _aes_ctr(hashlib.sha256(reversed_key_iv[:32] + key).digest(), reversed_key_iv[32:])
 
     plain = decryptor.update(frame)
     tag = plain[_TAG]
@@ -161,8 +179,8 @@ def generate_dc_frame(
     frame[_DC] = dc.to_bytes(2, "little", signed=True)
 
     reversed_key_iv = bytes(frame[_KEY_IV][::-1])
-    encryptor = _aes_ctr(bytes(frame[_KEY]), bytes(frame[_IV])).encryptor()
-    decryptor = _aes_ctr(reversed_key_iv[:32], reversed_key_iv[32:]).decryptor()
+    encryptor = _aes_ctr(bytes(frame[_KEY]), bytes(frame[_IV]))
+    decryptor = _aes_ctr(reversed_key_iv[:32], reversed_key_iv[32:])
 
     encrypted = encryptor.update(bytes(frame))
     frame[_ENCRYPTED_TAIL:] = encrypted[_ENCRYPTED_TAIL:]

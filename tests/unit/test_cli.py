@@ -446,7 +446,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     configs: list[Any] = []
     paths: list[str | None] = []
 
-    def run(config: Any, config_path: str | None = None) -> int:
+    def run(config: Any, config_path: str | None = None, source: Any = None) -> int:
         configs.append(config)
         paths.append(config_path)
         if config.supervisor.workers == 13:

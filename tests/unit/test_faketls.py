@@ -996,3 +996,44 @@ def test_record_header_frames_application_data(size: int) -> None:
     data = bytes(size)
     if 0 < size <= MAX_RECORD_PAYLOAD:
         assert wrap_application_data(data) == header + data
+
+
+def _reader_outcome(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except ProtocolError as exc:
+        return ("error", str(exc))
+
+
+_MUTATION_BASES = [
+    signed_hello(),
+    signed_hello(names=[]),
+    signed_hello(names=[b"a.test", b"fronting.test"]),
+    hello_record(make_body(names=None)),
+    hello_record(make_body(suites=(0x0A0A, 0x1A1A, 0x1301), names=[b""])),
+    *(full_of(name) for name in OK_FILES[:4]),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(_MUTATION_BASES),
+    st.lists(st.tuples(st.integers(0, 700), st.integers(0, 255)), max_size=4),
+    st.integers(0, 800),
+    st.binary(max_size=8),
+)
+def test_one_record_reader_agrees_with_the_general_reader(
+    base: bytes, changes: list[tuple[int, int]], cut: int, tail: bytes
+) -> None:
+    """The fast path for one-record hellos gives what the general reader gives (or
+    leaves the hello to it): the same ClientHello, the same consumed count."""
+    wire = bytearray(base)
+    for pos, value in changes:
+        if pos < len(wire):
+            wire[pos] = value
+    data = bytes(wire[: max(cut, 9)] if cut < len(wire) else wire) + tail
+    fast = faketls._one_record_hello(data)
+    slow = _reader_outcome(lambda: faketls._read_records(data, False))
+    if fast is not None:
+        assert fast == slow
+    assert _reader_outcome(lambda: read_client_hello(data)) == slow
