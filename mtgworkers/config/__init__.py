@@ -38,8 +38,8 @@ the parts live in:
   - :mod:`~mtgworkers.config.scalars`: :class:`PreferIP`, tag format, metric prefix, HTTP
     path, bounded integers, error rate, pid and CA files, DC numbers;
 
-- :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse` and :func:`load`, which
-  prefix a value's reason with the full dotted key, e.g.
+- :mod:`~mtgworkers.config.loader`: the TOML walker, :func:`parse`, :func:`read`,
+  :func:`loads` and :func:`load`, which prefix a value's reason with the full dotted key, e.g.
   ``network.timeout.idle: duration has to be a positive: -1s``;
 - :mod:`~mtgworkers.config.deprecations`: the deprecated keys and their warning text;
 - :mod:`~mtgworkers.config.errors`: :class:`ConfigError` and ``REDACTED``.
@@ -67,7 +67,7 @@ from mtgworkers.config.deprecations import (
     deprecation_message,
 )
 from mtgworkers.config.errors import REDACTED, ConfigError
-from mtgworkers.config.loader import load, parse, read
+from mtgworkers.config.loader import load, loads, parse, read
 from mtgworkers.config.model import (
     DEFAULT_NTP_SERVERS,
     UNTRUSTED_PROXY_HEADERS,
@@ -149,6 +149,7 @@ __all__ = [
     "format_duration",
     "format_ntp_server",
     "load",
+    "loads",
     "parse",
     "parse_bytes",
     "parse_ca_file",

@@ -75,7 +75,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["load", "parse"]
+__all__ = ["load", "loads", "parse"]
 
 _T = TypeVar("_T")
 
@@ -199,17 +199,38 @@ def load(path: str | os.PathLike[str]) -> Config:
 def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """Decode a TOML config file without validating it: ``(data, base_dir)`` for
     :func:`parse` (the supervisor hands both to its workers, which parse them with their
-    own code). Raises ConfigError (unreadable file, TOML syntax error)."""
+    own code). Raises ConfigError (unreadable file, not UTF-8, TOML syntax error, nesting
+    deeper than the decoder follows)."""
     try:
         with open(path, "rb") as stream:
-            data = tomllib.load(stream)
+            raw = stream.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config {os.fspath(path)}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"cannot parse toml config {os.fspath(path)}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot parse toml config {os.fspath(path)}: {exc}") from None
-    return data, os.path.dirname(os.path.abspath(path))
+    return _decode(raw, os.fspath(path)), os.path.dirname(os.path.abspath(path))
+
+
+def loads(raw: bytes | str, *, source: str = "<string>", base_dir: str | None = None) -> Config:
+    """Decode and parse the text of a TOML config file (UTF-8 when given as bytes).
+
+    ``source`` names the text in error messages; ``base_dir`` is :func:`parse`'s. Raises
+    ConfigError, and nothing else, whatever the bytes: a syntax error, text that is not
+    UTF-8, arrays or tables nested deeper than the decoder can follow, an integer of more
+    digits than Python converts, an invalid value.
+    """
+    return parse(_decode(raw, source), base_dir=base_dir)
+
+
+def _decode(raw: bytes | str, source: str) -> dict[str, Any]:
+    """The TOML data of ``raw``; ConfigError for anything the decoder cannot read."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            f"cannot parse toml config {source}: arrays or tables are nested too deeply"
+        ) from None
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, int() digit limit
+        raise ConfigError(f"cannot parse toml config {source}: {exc}") from None
 
 
 def parse(data: Mapping[str, Any], *, base_dir: str | None = None) -> Config:

@@ -488,41 +488,13 @@ class HttpsResolver(_TlsServerResolver):
         connection (GOAWAY, EOF, a protocol error) fails every query still open.
         """
         try:
-            connection = h2.connection.H2Connection(_H2_CONFIG)
-            connection.local_settings = h2.settings.Settings(
-                client=True,
-                initial_values={
-                    h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HTTP_HEAD,
-                },
-            )
-            connection.initiate_connection()
-            streams: dict[int, _H2Stream] = {}
-            for query in queries:
-                stream_id = connection.get_next_available_stream_id()
-                wire = query.to_wire()
-                connection.send_headers(stream_id, self._h2_request_headers(len(wire)))
-                connection.send_data(stream_id, wire, end_stream=True)
-                streams[stream_id] = _H2Stream(query)
-            writer.write(connection.data_to_send())
-            while any(stream.outcome is None for stream in streams.values()):
-                data = await reader.read(_MAX_DNS_MESSAGE + 1)
-                if not data:
-                    _fail_open(streams, "DNS-over-HTTPS server closed the connection early")
+            exchange = _H2Exchange(queries, self._h2_request_headers)
+            writer.write(exchange.data_to_send())
+            while not exchange.done:
+                if not exchange.receive(await reader.read(_MAX_DNS_MESSAGE + 1)):
                     break
-                try:
-                    events = connection.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    _fail_open(streams, f"HTTP/2 protocol error from DNS-over-HTTPS server: {exc}")
-                    break
-                for event in events:
-                    _h2_event(connection, streams, event)
-                writer.write(connection.data_to_send())  # settings ACKs, window updates, pings
-            # Every stream has its outcome now: the loop ends only then, or after _fail_open.
-            return [
-                _QueryError("no answer") if stream.outcome is None else stream.outcome
-                for stream in streams.values()
-            ]
+                writer.write(exchange.data_to_send())  # settings ACKs, window updates, pings
+            return exchange.outcomes()
         finally:
             writer.close()
 
@@ -589,6 +561,66 @@ class _H2Stream:
         self.query = query
         self.body = bytearray()
         self.outcome: dns.message.Message | _QueryError | None = None
+
+
+class _H2Exchange:
+    """One DNS-over-HTTPS exchange over HTTP/2 without I/O: every query as a concurrent
+    stream, the server's bytes in, one answer or _QueryError per query out.
+
+    ``HttpsResolver._exchange_h2`` moves the bytes; the fuzz harness feeds them directly.
+    """
+
+    def __init__(
+        self,
+        queries: list[dns.message.Message],
+        request_headers: Callable[[int], list[tuple[str, str]]],
+    ) -> None:
+        self.connection = h2.connection.H2Connection(_H2_CONFIG)
+        self.connection.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HTTP_HEAD,
+            },
+        )
+        self.connection.initiate_connection()
+        self.streams: dict[int, _H2Stream] = {}
+        for query in queries:
+            stream_id = self.connection.get_next_available_stream_id()
+            wire = query.to_wire()
+            self.connection.send_headers(stream_id, request_headers(len(wire)))
+            self.connection.send_data(stream_id, wire, end_stream=True)
+            self.streams[stream_id] = _H2Stream(query)
+
+    @property
+    def done(self) -> bool:
+        """Every stream has its outcome."""
+        return all(stream.outcome is not None for stream in self.streams.values())
+
+    def data_to_send(self) -> bytes:
+        return self.connection.data_to_send()
+
+    def receive(self, data: bytes) -> bool:
+        """Take the server's bytes (``b""``: end of stream); False when the connection is
+        over (end of stream, a protocol error), which fails every query still open."""
+        if not data:
+            _fail_open(self.streams, "DNS-over-HTTPS server closed the connection early")
+            return False
+        try:
+            events = self.connection.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            _fail_open(self.streams, f"HTTP/2 protocol error from DNS-over-HTTPS server: {exc}")
+            return False
+        for event in events:
+            _h2_event(self.connection, self.streams, event)
+        return True
+
+    def outcomes(self) -> list[dns.message.Message | BaseException]:
+        """One answer or _QueryError per query, in the order of the queries."""
+        return [
+            _QueryError("no answer") if stream.outcome is None else stream.outcome
+            for stream in self.streams.values()
+        ]
 
 
 def _h2_error_name(code: int) -> str:

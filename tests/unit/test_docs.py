@@ -25,7 +25,7 @@ _OUTSIDE = re.compile(r"\.\./shared|(?<![\w.])/(?:work|home|root)/")
 
 def _scanned_files() -> list[Path]:
     files = [REPO / "README.md", REPO / "config.example.toml", *DOCS.glob("*.md")]
-    for folder in ("mtgworkers", "supervisor", "tests", "bench"):
+    for folder in ("mtgworkers", "supervisor", "tests", "bench", "fuzz"):
         files += (REPO / folder).rglob("*.py")
         files += (REPO / folder).rglob("*.md")
     return sorted(set(files))

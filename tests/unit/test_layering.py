@@ -59,3 +59,15 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from supervisor.exporter import X\n    import asyncio\n")
     assert list(imports(sample)) == [(2, "supervisor.exporter"), (3, "asyncio")]
+
+
+def test_the_product_never_imports_the_fuzz_harnesses() -> None:
+    """``fuzz/`` drives ``mtgworkers``; the proxy and the supervisor never import it."""
+    found = [
+        f"{path.relative_to(REPO)}:{line}: {module}"
+        for package in (PACKAGE, REPO / "supervisor")
+        for path in sorted(package.rglob("*.py"))
+        for line, module in imports(path)
+        if _top(module) in ("fuzz", "tests")
+    ]
+    assert found == []

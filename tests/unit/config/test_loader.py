@@ -24,6 +24,7 @@ from mtgworkers.config import (
     PreferIP,
     ProxyURL,
     load,
+    loads,
     parse,
 )
 from mtgworkers.protocol.secret import Secret
@@ -728,6 +729,11 @@ def test_load_resolves_list_files_against_the_config_directory(
         (f'secret = "{SECRET_B64}"\n'.encode(), "bind-to: bind-to is required"),
         (b'secret = "\xff"', "cannot parse toml config"),
         (b"a = 1\na = 2\n", "cannot parse toml config"),
+        # Found by the fuzz campaign (fuzz/corpus/config/): the decoder's recursion and
+        # Python's int() digit limit used to escape as RecursionError and ValueError.
+        (b"a = " + b"[" * 5000 + b"]" * 5000, "arrays or tables are nested too deeply"),
+        (b"a = " + b"{b=" * 3000 + b"1" + b"}" * 3000, "arrays or tables are nested too deeply"),
+        (b"a = " + b"7" * 5000, "cannot parse toml config .*integer string conversion"),
     ],
 )
 def test_load_errors(tmp_path: pathlib.Path, content: bytes, message: str) -> None:
@@ -735,6 +741,14 @@ def test_load_errors(tmp_path: pathlib.Path, content: bytes, message: str) -> No
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=message):
         load(path)
+
+
+def test_loads_names_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"^cannot parse toml config <string>: "):
+        loads(b"[" * 3000)
+    with pytest.raises(ConfigError, match=r"^cannot parse toml config here: "):
+        loads("s = sdfsdfds", source="here")
+    assert loads(f'secret = "{SECRET_B64}"\nbind-to = "0.0.0.0:1"\n').bind_to.port == 1
 
 
 def test_load_missing_file(tmp_path: pathlib.Path) -> None:
