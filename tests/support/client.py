@@ -132,22 +132,27 @@ def build_client_hello(
     exts += _ext(0x002B, len(vbody).to_bytes(1, "big") + vbody)
 
     def body_with(extensions: bytes) -> bytes:
-        return (
-            b"\x03\x03"
-            + bytes(32)
-            + len(session_id).to_bytes(1, "big")
-            + session_id
-            + _u16_list(suites)
-            + b"\x01\x00"
-            + len(extensions).to_bytes(2, "big")
-            + extensions
-        )
+        return _hello_body(session_id, suites, extensions)
 
     # Pad the handshake to 512 bytes the way browsers do (padding extension 0x0015).
     missing = HELLO_HANDSHAKE_LEN - 4 - len(body_with(bytes(exts))) - 4
     if missing >= 0:
         exts += _ext(0x0015, bytes(missing))
     return _signed_hello_record(body_with(bytes(exts)), secret_key, timestamp)
+
+
+def _hello_body(session_id: bytes, suites: Sequence[int], extensions: bytes) -> bytes:
+    """A ClientHello body with a zero random (signed later), no compression."""
+    return (
+        b"\x03\x03"
+        + bytes(32)
+        + len(session_id).to_bytes(1, "big")
+        + session_id
+        + _u16_list(suites)
+        + b"\x01\x00"
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+    )
 
 
 def _signed_hello_record(body: bytes, secret_key: bytes, timestamp: int) -> bytes:
@@ -244,16 +249,7 @@ def build_layout_hello(
     session_id = os.urandom(32)
 
     def body_with(extensions: bytes) -> bytes:
-        return (
-            b"\x03\x03"
-            + bytes(32)
-            + len(session_id).to_bytes(1, "big")
-            + session_id
-            + _u16_list(suites)
-            + b"\x01\x00"
-            + len(extensions).to_bytes(2, "big")
-            + extensions
-        )
+        return _hello_body(session_id, suites, extensions)
 
     if not chrome:
         # TDLib pads its hello to a 512-byte handshake before the hybrid share is
