@@ -82,18 +82,19 @@ class Pacer:
 
     def _fire(self) -> None:
         self._timer = None
-        now = int(self._loop.time() / TICK + 0.5)
+        loop = self._loop
         ticks = self._ticks
         due = self._due
-        while ticks and ticks[0] <= now:
+        # The clock is read again for every bucket: a connection that asks for a delay
+        # rounding to "now" from inside due() is served in this pass even when the
+        # clock crossed a millisecond boundary meanwhile (uvloop's time() is not cached).
+        while ticks and ticks[0] <= int(loop.time() / TICK + 0.5):
             for paced in due.pop(heapq.heappop(ticks)):
                 self._fired += 1
                 try:
                     paced.due()
                 except Exception as exc:  # one connection's bug must not stop the others
-                    self._loop.call_exception_handler(
-                        {"message": "paced write failed", "exception": exc}
-                    )
+                    loop.call_exception_handler({"message": "paced write failed", "exception": exc})
         if ticks:
             self._arm(ticks[0])
 
