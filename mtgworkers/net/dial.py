@@ -171,15 +171,7 @@ class Dialer:
                 ) from None
             return transport
         literal = self._literal(host)
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                addresses = await self._resolver.resolve(host)
-            except ResolveError as exc:
-                raise DialError(f"cannot dial to {join_host_port(host, port)}: {exc}") from None
-            if not addresses:
-                raise DialError(f"cannot dial to {join_host_port(host, port)}: no addresses")
+        addresses = [literal] if literal is not None else await self._addresses(host, port)
         errors: list[str] = []
         timeout = self._tcp_timeout
         for address in addresses:
@@ -245,15 +237,19 @@ class Dialer:
                 errors.append(str(exc))
         raise _joined(errors)
 
-    async def _dial_direct(self, host: str, port: int) -> socket.socket:
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        """The addresses to try for ``host``, in order; DialError when there are none."""
         try:
             addresses = await self._resolver.resolve(host)
         except ResolveError as exc:
             raise DialError(f"cannot dial to {join_host_port(host, port)}: {exc}") from None
         if not addresses:
             raise DialError(f"cannot dial to {join_host_port(host, port)}: no addresses")
+        return list(addresses)
+
+    async def _dial_direct(self, host: str, port: int) -> socket.socket:
         errors: list[str] = []
-        for address in addresses:
+        for address in await self._addresses(host, port):
             try:
                 return await self._connect(address, port)
             except (OSError, asyncio.TimeoutError) as exc:
